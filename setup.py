@@ -1,0 +1,69 @@
+"""Builds fastsgd._native from fastsgd/_native.pyx and the C kernels in csrc/.
+
+The default build targets the baseline instruction set of the machine's
+architecture: the AVX2 and AVX-512 kernels are compiled per function and
+chosen at import, so a wheel built here runs on any x86-64.  OpenMP is used
+when the compiler has it; without it the build warns and runs serial.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+# -ffp-contract=off: the kernels write every fused multiply-add explicitly;
+# a compiler fusing the others would change the rounding away from torch's.
+BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c11"]
+OPENMP_FLAG = "-fopenmp"
+
+
+def compiler_has_openmp(compiler_cmd):
+    """Compile and link a tiny OpenMP program with the build's compiler."""
+    src = "#include <omp.h>\nint main(void) { return omp_get_max_threads() < 1; }\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        c_file = os.path.join(tmp, "probe.c")
+        with open(c_file, "w") as f:
+            f.write(src)
+        cmd = compiler_cmd + [OPENMP_FLAG, c_file, "-o", os.path.join(tmp, "probe")]
+        try:
+            return subprocess.run(cmd, capture_output=True).returncode == 0
+        except OSError:
+            return False
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        compiler_cmd = list(getattr(self.compiler, "compiler_so", None) or ["cc"])[:1]
+        use_openmp = (os.environ.get("FASTSGD_NO_OPENMP", "") == ""
+                      and shutil.which(compiler_cmd[0]) is not None
+                      and compiler_has_openmp(compiler_cmd))
+        if not use_openmp:
+            warnings.warn("fastsgd: building without OpenMP; steps will run on one thread")
+            print("fastsgd: building without OpenMP; steps will run on one thread",
+                  file=sys.stderr)
+        for ext in self.extensions:
+            ext.extra_compile_args = BASE_FLAGS + ([OPENMP_FLAG] if use_openmp else [])
+            ext.extra_link_args = [OPENMP_FLAG] if use_openmp else []
+        super().build_extensions()
+
+
+extensions = [
+    Extension(
+        "fastsgd._native",
+        sources=["fastsgd/_native.pyx", "csrc/sgd_impls.c"],
+        depends=["csrc/fastsgd.h", "csrc/sgd_loop.h"],
+        include_dirs=[numpy.get_include(), "csrc"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    )
+]
+
+setup(
+    ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}),
+    cmdclass={"build_ext": BuildExt},
+)
