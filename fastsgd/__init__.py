@@ -1,0 +1,40 @@
+"""fastsgd: torch.optim.SGD, bit for bit, on numpy arrays, in native code.
+
+The kernel in use is chosen at import: the best this CPU runs, unless the
+environment variable FASTSGD_CPU_CAPABILITY names another ("default",
+"avx2", "avx512"; see available_capabilities()).  "default" rounds as torch
+does at ATEN_CPU_CAPABILITY=default; the others as torch's AVX2/AVX-512
+kernels (one fused multiply-add per multiply-add).
+"""
+import os as _os
+
+from . import functional, reference
+from ._native import available_capabilities, cpu_capability, set_cpu_capability
+from .optimizer import (
+    Optimizer,
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+    required,
+)
+from .parameter import Parameter
+from .sgd import SGD
+
+__version__ = "0.1.0"
+__all__ = [
+    "Optimizer",
+    "Parameter",
+    "SGD",
+    "available_capabilities",
+    "cpu_capability",
+    "functional",
+    "reference",
+    "register_optimizer_step_post_hook",
+    "register_optimizer_step_pre_hook",
+    "required",
+    "set_cpu_capability",
+]
+
+Parameter.__module__ = __name__
+
+if _os.environ.get("FASTSGD_CPU_CAPABILITY"):
+    set_cpu_capability(_os.environ["FASTSGD_CPU_CAPABILITY"])

@@ -1,0 +1,90 @@
+"""fastsgd.Parameter: a trainable numpy array with a `.grad`."""
+import copy
+
+import numpy as np
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class Parameter(np.ndarray):
+    """A float32 or float64 array that an optimizer updates in place.
+
+    ``Parameter(array)`` shares memory with ``array`` when it is already a
+    float32/float64 ndarray (as ``torch.nn.Parameter`` wraps a tensor);
+    anything else is converted with ``np.asarray(data, dtype=dtype)``, which
+    must give float32 or float64.
+
+    ``.grad`` is ``None`` or an ndarray of the parameter's shape and dtype,
+    set by the user's backward pass.  A Parameter hashes by identity, so it
+    can key ``optimizer.state``; ``==`` stays numpy's element-wise compare.
+
+    Arithmetic, numpy functions and indexing give plain ndarrays, never new
+    Parameters: only what the user wraps is trainable.
+
+    Copies: ``copy.deepcopy`` keeps values, ``.grad`` and attributes, like
+    torch's deepcopy of a Parameter.  ``pickle`` keeps values, dtype, shape,
+    memory order and attributes but not ``.grad`` -- as ``torch.save`` of a
+    Parameter drops its grad -- so a checkpoint never carries stale grads.
+    """
+
+    __hash__ = object.__hash__
+
+    def __new__(cls, data, dtype=None):
+        array = np.asarray(data, dtype=dtype)
+        if array.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"Parameter needs float32 or float64 data, but got {array.dtype}; "
+                "pass dtype=np.float32 or np.float64 to convert")
+        return array.view(cls)
+
+    def __array_finalize__(self, obj):
+        self.grad = None
+
+    # Ufuncs (arithmetic, reductions) compute on plain views and give plain
+    # arrays; an explicit `out=` is returned as given, so ``p -= x`` updates
+    # p in place and leaves it a Parameter.
+    def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
+        if out is not None:
+            kwargs["out"] = _as_plain(out)
+        result = getattr(ufunc, method)(*_as_plain(inputs), **kwargs)
+        if out is None or method == "at":
+            return result
+        return out[0] if len(out) == 1 else out
+
+    def __array_function__(self, func, types, args, kwargs):
+        args, kwargs = _as_plain((args, kwargs))
+        return func(*args, **kwargs)
+
+    def __getitem__(self, key):
+        result = super().__getitem__(key)
+        return result.view(np.ndarray) if isinstance(result, Parameter) else result
+
+    def __repr__(self):
+        return "Parameter(" + repr(self.view(np.ndarray))[len("array("):]
+
+    def __reduce__(self):
+        attributes = {k: v for k, v in self.__dict__.items() if k != "grad"}
+        return _rebuild_parameter, (np.array(self.view(np.ndarray), order="K"), attributes)
+
+    def __deepcopy__(self, memo):
+        new = Parameter(np.array(self.view(np.ndarray), order="K"))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+
+def _rebuild_parameter(data, attributes):
+    parameter = Parameter(data)
+    parameter.__dict__.update(attributes)
+    return parameter
+
+
+def _as_plain(obj):
+    """obj with every Parameter inside tuples, lists and dicts viewed as an ndarray."""
+    if isinstance(obj, Parameter):
+        return obj.view(np.ndarray)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_as_plain(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _as_plain(v) for k, v in obj.items()}
+    return obj
