@@ -45,6 +45,13 @@ cdef extern from "fastsgd.h" nogil:
 
 
 cdef const fastsgd_impl *_impl = fastsgd_best_impl()
+cdef Py_ssize_t _native_calls = 0
+
+
+def native_call_count():
+    """How many times a C kernel has been called in this process (lets tests
+    check that a step makes one call per group and dtype, not per tensor)."""
+    return _native_calls
 
 
 def available_capabilities():
@@ -268,7 +275,9 @@ cdef class SGDPlan:
 
     def run(self):
         """Update every parameter and buffer of the plan in place."""
+        global _native_calls
         cdef const fastsgd_impl *impl = _impl
+        _native_calls += (self.f32.count > 0) + (self.f64.count > 0)
         with nogil:
             if self.f32.count:
                 impl.sgd_f32(&self.hyper, self.f32.count, <float **>self.f32.params,

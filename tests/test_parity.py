@@ -1,0 +1,197 @@
+"""Bit-for-bit parity of fastsgd.SGD with torch.optim.SGD(foreach=False) and
+with fastsgd.reference, over every combination of the SGD options.
+
+torch fixes its kernels' rounding when it is imported (ATEN_CPU_CAPABILITY):
+in this process the fused kernels are compared with torch as it runs here,
+and `test_grid_at_torch_default_capability` reruns this file in a child with
+torch and fastsgd both at "default" (unfused) rounding.
+"""
+import os
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+import fastsgd
+from fastsgd import reference
+
+torch = pytest.importorskip("torch")
+torch_functional_sgd = pytest.importorskip("torch.optim.sgd").sgd
+
+TORCH_IS_DEFAULT = torch.backends.cpu.get_cpu_capability() == "DEFAULT"
+# The fastsgd kernels that round as torch does in this process.
+CAPABILITIES = (["default"] if TORCH_IS_DEFAULT
+                else [c for c in fastsgd.available_capabilities() if c != "default"])
+
+SHAPES = [(0,), (1,), (7,), (15,), (16,), (17,), (1000,), (100003,), (3, 5, 7), (2, 0, 3), ()]
+
+OPTIONS = [
+    dict(momentum=momentum, dampening=dampening, nesterov=nesterov,
+         weight_decay=weight_decay, maximize=maximize)
+    for momentum in (0.0, 0.9)
+    for dampening in (0.0, 0.3)
+    for nesterov in (False, True)
+    for weight_decay in (0.0, 1e-3)
+    for maximize in (False, True)
+    if not (nesterov and (momentum == 0 or dampening != 0))
+    and not (momentum == 0 and dampening != 0)
+]
+
+
+def option_id(options):
+    return "-".join(f"{k}={v}" for k, v in options.items())
+
+
+@pytest.fixture(params=CAPABILITIES)
+def capability(request):
+    previous = fastsgd.cpu_capability()
+    fastsgd.set_cpu_capability(request.param)
+    yield request.param
+    fastsgd.set_cpu_capability(previous)
+
+
+class Twins:
+    """The same model as fastsgd, torch and reference parameters."""
+
+    def __init__(self, rng, shapes, dtype):
+        self.values = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        self.fast = [fastsgd.Parameter(v.copy()) for v in self.values]
+        self.ref = [fastsgd.Parameter(v.copy()) for v in self.values]
+        self.torch = [torch.nn.Parameter(torch.from_numpy(v.copy())) for v in self.values]
+
+    def set_grads(self, rng, present):
+        for i, p in enumerate(self.fast):
+            if present(i):
+                g = rng.standard_normal(p.shape).astype(p.dtype)
+                self.fast[i].grad, self.ref[i].grad = g, g.copy()
+                self.torch[i].grad = torch.from_numpy(g.copy())
+            else:
+                self.fast[i].grad = self.ref[i].grad = self.torch[i].grad = None
+
+
+def assert_same(fast_opt, torch_opt, ref_opt, twins):
+    """Params and momentum buffers identical to the last bit."""
+    for i, (p, tp, rp) in enumerate(zip(twins.fast, twins.torch, twins.ref)):
+        np.testing.assert_array_equal(p, tp.detach().numpy(), err_msg=f"param {i} vs torch")
+        np.testing.assert_array_equal(p, rp, err_msg=f"param {i} vs reference")
+        buf = fast_opt.state[p].get("momentum_buffer") if p in fast_opt.state else None
+        tbuf = torch_opt.state[tp].get("momentum_buffer") if tp in torch_opt.state else None
+        rbuf = ref_opt.state[rp].get("momentum_buffer") if rp in ref_opt.state else None
+        assert (buf is None) == (tbuf is None) == (rbuf is None), f"buffer {i} presence"
+        if buf is not None:
+            np.testing.assert_array_equal(buf, tbuf.numpy(), err_msg=f"buffer {i} vs torch")
+            np.testing.assert_array_equal(buf, rbuf, err_msg=f"buffer {i} vs reference")
+    assert len(fast_opt.state) == len(torch_opt.state) == len(ref_opt.state)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("options", OPTIONS, ids=option_id)
+def test_grid(capability, dtype, options):
+    """Two groups (the fine-tuning idiom), grads missing on some steps, lr
+    changed between steps, a group added between steps."""
+    rng = np.random.default_rng(zlib.crc32(f"{dtype.__name__} {option_id(options)}".encode()))
+    lr = 0.05
+    base = Twins(rng, SHAPES, dtype)
+    head = Twins(rng, [(4, 6), (6,)], dtype)
+    late = Twins(rng, [(33,), (5, 2)], dtype)
+
+    def groups(params_base, params_head):
+        return [{"params": params_base}, {"params": params_head, "lr": lr * 10}]
+
+    fast_opt = fastsgd.SGD(groups(base.fast, head.fast), lr=lr, **options)
+    ref_opt = reference.SGD(groups(base.ref, head.ref), lr=lr, **options)
+    torch_opt = torch.optim.SGD(groups(base.torch, head.torch), lr=lr, foreach=False,
+                                **options)
+    optimizers = (fast_opt, torch_opt, ref_opt)
+    models = (base, head, late)
+
+    for step in range(5):
+        if step == 2:  # lr changed between steps
+            for opt in optimizers:
+                opt.param_groups[0]["lr"] = lr * 0.3
+        if step == 3:  # a group added between steps
+            for opt, params in zip(optimizers, (late.fast, late.torch, late.ref)):
+                opt.add_param_group({"params": params, "lr": lr * 2})
+        for twins in models:
+            # Some grads missing: a param whose grad appears late starts its
+            # momentum buffer then.
+            twins.set_grads(rng, lambda i: (i + step) % 3 != 0)
+        grads_before = [None if p.grad is None else p.grad.copy() for p in base.fast]
+        for opt in optimizers:
+            opt.step()
+        for twins in models[:2] + ((late,) if step >= 3 else ()):
+            assert_same(fast_opt, torch_opt, ref_opt, twins)
+        for p, g in zip(base.fast, grads_before):  # p.grad is never modified
+            assert (p.grad is None) if g is None else np.array_equal(p.grad, g)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_functional_matches_torch(capability, dtype):
+    rng = np.random.default_rng(3)
+    twins = Twins(rng, [(17,), (3, 4)], dtype)
+    bufs, tbufs = [None, None], [None, None]
+    options = dict(weight_decay=1e-2, momentum=0.8, lr=0.1, dampening=0.1,
+                   nesterov=False, maximize=False)
+    for _ in range(3):
+        twins.set_grads(rng, lambda i: True)
+        fastsgd.functional.sgd(twins.fast, [p.grad for p in twins.fast], bufs, **options)
+        torch_functional_sgd([p.data for p in twins.torch], [p.grad for p in twins.torch],
+                             tbufs, foreach=False, **options)
+        for p, tp, b, tb in zip(twins.fast, twins.torch, bufs, tbufs):
+            np.testing.assert_array_equal(p, tp.detach().numpy())
+            np.testing.assert_array_equal(b, tb.numpy())
+
+
+def test_one_native_call_per_group_and_dtype():
+    rng = np.random.default_rng(4)
+    f32 = [fastsgd.Parameter(rng.standard_normal(5).astype(np.float32)) for _ in range(20)]
+    f64 = [fastsgd.Parameter(rng.standard_normal(5)) for _ in range(20)]
+    head = [fastsgd.Parameter(rng.standard_normal(5).astype(np.float32)) for _ in range(7)]
+    for p in f32 + f64 + head:
+        p.grad = np.ones_like(p)
+    opt = fastsgd.SGD([{"params": f32 + f64}, {"params": head}], lr=0.1, momentum=0.9)
+    before = fastsgd._native.native_call_count()
+    opt.step()
+    assert fastsgd._native.native_call_count() - before == 3
+
+
+def test_fortran_ordered_parameter_is_updated_in_place():
+    rng = np.random.default_rng(5)
+    values = np.asfortranarray(rng.standard_normal((6, 4)))
+    p = fastsgd.Parameter(values)
+    assert np.shares_memory(p, values)
+    twin = fastsgd.Parameter(np.ascontiguousarray(values))
+    p.grad = np.asfortranarray(rng.standard_normal((6, 4)))
+    twin.grad = np.ascontiguousarray(p.grad)
+    for opt in (fastsgd.SGD([p], lr=0.1, momentum=0.9), fastsgd.SGD([twin], lr=0.1, momentum=0.9)):
+        opt.step()
+        opt.step()
+    np.testing.assert_array_equal(p, twin)
+    np.testing.assert_array_equal(values, twin)
+
+
+@pytest.mark.skipif(TORCH_IS_DEFAULT, reason="this is the child run")
+def test_grid_at_torch_default_capability():
+    """torch at ATEN_CPU_CAPABILITY=default rounds multiply and add separately;
+    fastsgd's "default" kernel must match it bit for bit."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default", FASTSGD_CPU_CAPABILITY="default")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "test_grid or test_functional"],
+        env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
+
+
+def test_environment_variable_selects_the_kernel():
+    code = "import fastsgd; print(fastsgd.cpu_capability())"
+    for name in fastsgd.available_capabilities():
+        env = dict(os.environ, FASTSGD_CPU_CAPABILITY=name)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        assert out == name
+    env = dict(os.environ, FASTSGD_CPU_CAPABILITY="sse9")
+    failed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert failed.returncode != 0 and "unknown or unsupported CPU capability 'sse9'" in failed.stderr
