@@ -56,8 +56,9 @@ class BuildExt(build_ext):
 extensions = [
     Extension(
         "fastsgd._native",
-        sources=["fastsgd/_native.pyx", "csrc/sgd_impls.c"],
-        depends=["csrc/fastsgd.h", "csrc/sgd_loop.h"],
+        sources=["fastsgd/_native.pyx", "csrc/sgd_impls.c", "csrc/driver.c"],
+        depends=["csrc/fastsgd.h", "csrc/sgd_loop.h", "csrc/sgd_instantiate.h"],
+        libraries=["m"],
         include_dirs=[numpy.get_include(), "csrc"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )

@@ -18,35 +18,64 @@ typedef struct {
     int maximize;
 } fastsgd_sgd_hyper;
 
-/* One call updates every tensor of a group in place.  `buf_is_new[t]` marks
- * a tensor whose momentum buffer is uninitialised memory that this step must
- * fill with the gradient (torch's first step: `buf = d.clone()`). */
-typedef void (*fastsgd_sgd_f32_fn)(const fastsgd_sgd_hyper *h, int64_t ntensors,
-                                   float *const *params, const float *const *grads,
-                                   float *const *bufs, const uint8_t *buf_is_new,
-                                   const int64_t *sizes);
-typedef void (*fastsgd_sgd_f64_fn)(const fastsgd_sgd_hyper *h, int64_t ntensors,
-                                   double *const *params, const double *const *grads,
-                                   double *const *bufs, const uint8_t *buf_is_new,
-                                   const int64_t *sizes);
+enum { FASTSGD_F32 = 0, FASTSGD_F64 = 1 };
 
-/* One implementation: an instruction set and its rounding. */
+/* Every tensor of one dtype of a parameter group.  `buf_is_new[t]` marks a
+ * tensor whose momentum buffer is uninitialised memory that this step fills
+ * with the gradient (torch's first step: `buf = d.clone()`).  `bufs` and
+ * `buf_is_new` are NULL when momentum is 0. */
+typedef struct {
+    int64_t ntensors;
+    void *const *params;
+    const void *const *grads;
+    void *const *bufs;
+    const uint8_t *buf_is_new;
+    const int64_t *sizes;
+} fastsgd_tensor_list;
+
+/* One contiguous run of `n` elements of one tensor (p, g and b point at the
+ * run's first element; b is NULL when momentum is 0). */
+typedef void (*fastsgd_sgd_range_fn)(const fastsgd_sgd_hyper *h, void *p, const void *g,
+                                     void *b, int64_t n, int first_step);
+/* The roofline: the same reads and writes per element as an SGD step, with
+ * next to no arithmetic. */
+typedef void (*fastsgd_stream_range_fn)(void *p, const void *g, void *b, int64_t n);
+
+/* One implementation: an instruction set and its rounding, per dtype. */
 typedef struct {
     const char *name;
-    fastsgd_sgd_f32_fn sgd_f32;
-    fastsgd_sgd_f64_fn sgd_f64;
+    fastsgd_sgd_range_fn sgd[2];
+    fastsgd_stream_range_fn stream[2];
 } fastsgd_impl;
 
-/* The implementation called `name`, or NULL if this build or this CPU lacks it.
- * "default" always exists: torch's ATEN_CPU_CAPABILITY=default rounding
- * (multiply, round, add, round).  The others round like torch's vectorised
- * kernels: one fused multiply-add per `x.add(y, alpha=a)`. */
+/* The implementation called `name`, or NULL if this build or this CPU lacks
+ * it.  "default" rounds as torch at ATEN_CPU_CAPABILITY=default (multiply,
+ * round, add, round); "portable", "avx2" and "avx512" as torch's vectorised
+ * kernels (one fused multiply-add per `x.add(y, alpha=a)`), bit-identical to
+ * each other. */
 const fastsgd_impl *fastsgd_find_impl(const char *name);
 
-/* The fastest implementation this CPU runs. */
+/* The implementation whose rounding torch uses on this CPU, fastest first. */
 const fastsgd_impl *fastsgd_best_impl(void);
 
 /* Names of every implementation compiled in, NULL-terminated. */
 const char *const *fastsgd_impl_names(void);
+
+/* One SGD step of every tensor of `list`, split over threads unless
+ * `serial` (tensors of the list share memory and must step in order). */
+void fastsgd_sgd(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
+                 const fastsgd_tensor_list *list, int serial);
+
+/* The roofline loop over `list`, split over threads exactly as fastsgd_sgd. */
+void fastsgd_stream(const fastsgd_impl *impl, int dtype, const fastsgd_tensor_list *list,
+                    int serial);
+
+/* Threads a call may use (OpenMP's max threads, honouring OMP_NUM_THREADS);
+ * 1 in a build without OpenMP. */
+int fastsgd_get_num_threads(void);
+void fastsgd_set_num_threads(int n);
+
+/* 1 if this build has OpenMP. */
+int fastsgd_has_openmp(void);
 
 #endif

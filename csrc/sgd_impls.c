@@ -1,78 +1,48 @@
 /* Every instantiation of the SGD loop, and the choice between them.
  *
  * "default" is compiled for the baseline instruction set with separate
- * multiply and add, the rounding of torch at ATEN_CPU_CAPABILITY=default.
- * "avx2" and "avx512" are compiled per function for their instruction set
- * (never the whole file: the module must load on any x86-64) and round each
- * multiply-add once, as torch's vectorised CPU kernels do.  The build uses
- * -ffp-contract=off so that no compiler fuses what is written unfused. */
+ * multiply and add: the rounding of torch at ATEN_CPU_CAPABILITY=default,
+ * which torch also uses on x86-64 CPUs without AVX2.
+ * "portable" rounds each multiply-add once through C99 fma(): the rounding
+ * of torch's vectorised kernels on any CPU, and the reference the SIMD
+ * builds are tested against.
+ * "avx2" and "avx512" are the same loop compiled per function for their
+ * instruction set (never the whole file: the module must load on any
+ * x86-64).  The build uses -ffp-contract=off so that no compiler fuses
+ * what is written unfused. */
+#include <math.h>
 #include <stddef.h>
 #include <string.h>
 
 #include "fastsgd.h"
 
-#define SGD_UNFUSED(a, b, c) ((c) + (a) * (b))
+#define IMPL_NAME default
+#define IMPL_TARGET
+#define IMPL_MADD_F32(a, b, c) ((c) + (a) * (b))
+#define IMPL_MADD_F64(a, b, c) ((c) + (a) * (b))
+#include "sgd_instantiate.h"
 
-#define SGD_TARGET
-#define SGD_MADD SGD_UNFUSED
-#define SGD_T float
-#define SGD_FN sgd_f32_default
-#include "sgd_loop.h"
-#undef SGD_T
-#undef SGD_FN
-#define SGD_T double
-#define SGD_FN sgd_f64_default
-#include "sgd_loop.h"
-#undef SGD_T
-#undef SGD_FN
-#undef SGD_MADD
-#undef SGD_TARGET
-
-static const fastsgd_impl impl_default = {"default", sgd_f32_default, sgd_f64_default};
+#define IMPL_NAME portable
+#define IMPL_TARGET
+#define IMPL_MADD_F32(a, b, c) fmaf((a), (b), (c))
+#define IMPL_MADD_F64(a, b, c) fma((a), (b), (c))
+#include "sgd_instantiate.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FASTSGD_HAVE_X86_IMPLS 1
+#define FASTSGD_X86 1
 
-#define SGD_FUSED_F32(a, b, c) __builtin_fmaf((a), (b), (c))
-#define SGD_FUSED_F64(a, b, c) __builtin_fma((a), (b), (c))
+#define IMPL_NAME avx2
+#define IMPL_TARGET __attribute__((target("avx2,fma")))
+#define IMPL_MADD_F32(a, b, c) __builtin_fmaf((a), (b), (c))
+#define IMPL_MADD_F64(a, b, c) __builtin_fma((a), (b), (c))
+#include "sgd_instantiate.h"
 
-#define SGD_TARGET __attribute__((target("avx2,fma")))
-#define SGD_T float
-#define SGD_FN sgd_f32_avx2
-#define SGD_MADD SGD_FUSED_F32
-#include "sgd_loop.h"
-#undef SGD_T
-#undef SGD_FN
-#undef SGD_MADD
-#define SGD_T double
-#define SGD_FN sgd_f64_avx2
-#define SGD_MADD SGD_FUSED_F64
-#include "sgd_loop.h"
-#undef SGD_T
-#undef SGD_FN
-#undef SGD_MADD
-#undef SGD_TARGET
-
-#define SGD_TARGET                                                              \
+#define IMPL_NAME avx512
+#define IMPL_TARGET \
     __attribute__((target("avx512f,avx512vl,avx2,fma,prefer-vector-width=512")))
-#define SGD_T float
-#define SGD_FN sgd_f32_avx512
-#define SGD_MADD SGD_FUSED_F32
-#include "sgd_loop.h"
-#undef SGD_T
-#undef SGD_FN
-#undef SGD_MADD
-#define SGD_T double
-#define SGD_FN sgd_f64_avx512
-#define SGD_MADD SGD_FUSED_F64
-#include "sgd_loop.h"
-#undef SGD_T
-#undef SGD_FN
-#undef SGD_MADD
-#undef SGD_TARGET
-
-static const fastsgd_impl impl_avx2 = {"avx2", sgd_f32_avx2, sgd_f64_avx2};
-static const fastsgd_impl impl_avx512 = {"avx512", sgd_f32_avx512, sgd_f64_avx512};
+#define IMPL_MADD_F32(a, b, c) __builtin_fmaf((a), (b), (c))
+#define IMPL_MADD_F64(a, b, c) __builtin_fma((a), (b), (c))
+#include "sgd_instantiate.h"
 
 static int cpu_runs(const fastsgd_impl *impl)
 {
@@ -92,13 +62,19 @@ static int cpu_runs(const fastsgd_impl *impl)
 }
 #endif
 
-/* Best first. */
+/* In order of preference: the first one the CPU runs is the default choice.
+ * On x86-64 without AVX2, torch runs its "default" kernels, so fastsgd
+ * does too; elsewhere torch's kernels fuse, and "portable" does. */
 static const fastsgd_impl *const all_impls[] = {
-#ifdef FASTSGD_HAVE_X86_IMPLS
+#ifdef FASTSGD_X86
     &impl_avx512,
     &impl_avx2,
-#endif
     &impl_default,
+    &impl_portable,
+#else
+    &impl_portable,
+    &impl_default,
+#endif
 };
 #define N_IMPLS (sizeof all_impls / sizeof all_impls[0])
 

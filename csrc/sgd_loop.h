@@ -1,8 +1,10 @@
 /* The SGD element loop, written once and instantiated per dtype, rounding and
  * instruction set.  Before including, define:
  *   SGD_T         element type (float or double)
- *   SGD_FN        name of the function to define
+ *   SGD_FN        name of the range function to define
+ *   STREAM_FN     name of the roofline range function to define
  *   SGD_MADD(a, b, c)  c + a * b, rounded the way the instantiation wants
+ *   SGD_TARGET    the instruction set attribute (may be empty)
  *
  * Each step is the op order of torch's _single_tensor_sgd, so that every
  * rounding happens where torch's happens:
@@ -14,17 +16,18 @@
  *   p = p.add_(d, alpha=-lr)
  * Hyperparameters are rounded to the element type first, as ATen does with
  * a Scalar alpha; "!= 0" tests use the double value, as torch's Python does.
- * SGD_TARGET (may be empty) carries the instantiation's instruction set. */
+ * The compiler vectorises the loop; its scalar remainder runs the same
+ * operations, so every element rounds alike wherever it falls. */
 
 #define SGD_CAT_(a, b) a##b
 #define SGD_FN_CAT(a, b) SGD_CAT_(a, b)
 
 static inline __attribute__((always_inline)) SGD_TARGET void
-SGD_FN_CAT(SGD_FN, _range)(SGD_T *restrict p, const SGD_T *restrict g,
-                           SGD_T *restrict b, int64_t n, const int maximize,
-                           const int use_wd, const int use_momentum,
-                           const int first_step, const int nesterov, SGD_T wd,
-                           SGD_T m, SGD_T one_minus_dampening, SGD_T neg_lr)
+SGD_FN_CAT(SGD_FN, _body)(SGD_T *restrict p, const SGD_T *restrict g,
+                          SGD_T *restrict b, int64_t n, const int maximize,
+                          const int use_wd, const int use_momentum,
+                          const int first_step, const int nesterov, SGD_T wd,
+                          SGD_T m, SGD_T one_minus_dampening, SGD_T neg_lr)
 {
     for (int64_t i = 0; i < n; i++) {
         SGD_T d = maximize ? -g[i] : g[i];
@@ -45,46 +48,52 @@ SGD_FN_CAT(SGD_FN, _range)(SGD_T *restrict p, const SGD_T *restrict g,
 
 /* Literal flags make the compiler emit one branch-free, vectorisable loop
  * per combination instead of testing the flags per element. */
-#define SGD_RANGE_CASE(MAX, WD, MOM, FIRST, NEST)                              \
-    SGD_FN_CAT(SGD_FN, _range)(p, g, b, n, MAX, WD, MOM, FIRST, NEST, wd, m,   \
-                               omd, neg_lr)
+#define SGD_BODY(WD, MOM, FIRST, NEST)                                          \
+    SGD_FN_CAT(SGD_FN, _body)(p, g, b, n, maximize, WD, MOM, FIRST, NEST, wd, m, \
+                              omd, neg_lr)
 
-SGD_TARGET void SGD_FN(const fastsgd_sgd_hyper *h, int64_t ntensors, SGD_T *const *params,
-            const SGD_T *const *grads, SGD_T *const *bufs,
-            const uint8_t *buf_is_new, const int64_t *sizes)
+SGD_TARGET static void SGD_FN(const fastsgd_sgd_hyper *h, void *p_, const void *g_,
+                              void *b_, int64_t n, int first)
 {
+    SGD_T *p = (SGD_T *)p_;
+    const SGD_T *g = (const SGD_T *)g_;
+    SGD_T *b = (SGD_T *)b_;
     const SGD_T wd = (SGD_T)h->weight_decay;
     const SGD_T m = (SGD_T)h->momentum;
     const SGD_T omd = (SGD_T)(1.0 - h->dampening);
     const SGD_T neg_lr = (SGD_T)(-h->lr);
     const int use_wd = h->weight_decay != 0.0;
-    const int use_momentum = h->momentum != 0.0;
     const int nesterov = h->nesterov != 0;
+    /* maximize only flips a sign: it stays a runtime flag, hoisted out of
+     * the loop by the compiler's unswitching. */
     const int maximize = h->maximize != 0;
 
-    for (int64_t t = 0; t < ntensors; t++) {
-        SGD_T *p = params[t];
-        const SGD_T *g = grads[t];
-        SGD_T *b = use_momentum ? bufs[t] : 0;
-        const int64_t n = sizes[t];
-        const int first = use_momentum && buf_is_new[t];
-        /* 5 flags = 32 loops; maximize only flips a sign, so it stays a
-         * runtime flag hoisted by the compiler's loop unswitching. */
-        if (!use_momentum) {
-            if (use_wd) SGD_RANGE_CASE(maximize, 1, 0, 0, 0);
-            else        SGD_RANGE_CASE(maximize, 0, 0, 0, 0);
-        } else if (first) {
-            if (use_wd) { if (nesterov) SGD_RANGE_CASE(maximize, 1, 1, 1, 1);
-                          else          SGD_RANGE_CASE(maximize, 1, 1, 1, 0); }
-            else        { if (nesterov) SGD_RANGE_CASE(maximize, 0, 1, 1, 1);
-                          else          SGD_RANGE_CASE(maximize, 0, 1, 1, 0); }
-        } else {
-            if (use_wd) { if (nesterov) SGD_RANGE_CASE(maximize, 1, 1, 0, 1);
-                          else          SGD_RANGE_CASE(maximize, 1, 1, 0, 0); }
-            else        { if (nesterov) SGD_RANGE_CASE(maximize, 0, 1, 0, 1);
-                          else          SGD_RANGE_CASE(maximize, 0, 1, 0, 0); }
-        }
+    if (h->momentum == 0.0) {
+        if (use_wd) SGD_BODY(1, 0, 0, 0);
+        else        SGD_BODY(0, 0, 0, 0);
+    } else if (first) {
+        if (use_wd) { if (nesterov) SGD_BODY(1, 1, 1, 1); else SGD_BODY(1, 1, 1, 0); }
+        else        { if (nesterov) SGD_BODY(0, 1, 1, 1); else SGD_BODY(0, 1, 1, 0); }
+    } else {
+        if (use_wd) { if (nesterov) SGD_BODY(1, 1, 0, 1); else SGD_BODY(1, 1, 0, 0); }
+        else        { if (nesterov) SGD_BODY(0, 1, 0, 1); else SGD_BODY(0, 1, 0, 0); }
     }
 }
 
-#undef SGD_RANGE_CASE
+#undef SGD_BODY
+
+SGD_TARGET static void STREAM_FN(void *p_, const void *g_, void *b_, int64_t n)
+{
+    SGD_T *restrict p = (SGD_T *)p_;
+    const SGD_T *restrict g = (const SGD_T *)g_;
+    SGD_T *restrict b = (SGD_T *)b_;
+    if (b) {
+        for (int64_t i = 0; i < n; i++) {
+            b[i] = b[i] + g[i];
+            p[i] = p[i] + b[i];
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++)
+            p[i] = p[i] + g[i];
+    }
+}

@@ -1,0 +1,160 @@
+/* Runs a kernel over a tensor list: the list is one run of elements, cut
+ * into one span per thread.  Large tensors are split and small ones batched
+ * alike, and cuts fall on the parameter's cache lines so that no two threads
+ * write the same line.  Each element's result depends on that element alone,
+ * so the numbers are the same for any thread count. */
+#include <stddef.h>
+
+#include "fastsgd.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define CACHE_LINE 64
+
+/* Below this much memory traffic a call stays on the calling thread: waking
+ * a second thread costs more than it saves (benchmarks/threshold.py). */
+#define PARALLEL_MIN_BYTES_PER_THREAD ((int64_t)1 << 18)
+
+typedef struct {
+    int64_t tensor;
+    int64_t offset;
+} position;
+
+static size_t elem_size(int dtype) { return dtype == FASTSGD_F32 ? 4 : 8; }
+
+static int64_t total_elements(const fastsgd_tensor_list *list)
+{
+    int64_t total = 0;
+    for (int64_t t = 0; t < list->ntensors; t++)
+        total += list->sizes[t];
+    return total;
+}
+
+#ifdef _OPENMP
+/* The position of element `v` of the run, moved forward to the next cache
+ * line of its parameter (or the next tensor). */
+static position locate(const fastsgd_tensor_list *list, int64_t v, size_t es)
+{
+    int64_t start = 0;
+    for (int64_t t = 0; t < list->ntensors; t++) {
+        int64_t n = list->sizes[t];
+        if (v < start + n) {
+            int64_t offset = v - start;
+            uintptr_t addr = (uintptr_t)list->params[t] + (uintptr_t)offset * es;
+            offset += (int64_t)(((CACHE_LINE - addr % CACHE_LINE) % CACHE_LINE) / es);
+            if (offset >= n) {
+                position next = {t + 1, 0};
+                return next;
+            }
+            position here = {t, offset};
+            return here;
+        }
+        start += n;
+    }
+    position end = {list->ntensors, 0};
+    return end;
+}
+
+/* Where span k of nt begins (and span k - 1 ends): the run's ends stay put,
+ * the cuts between spans move to a cache line. */
+static position cut(const fastsgd_tensor_list *list, int64_t k, int64_t nt, int64_t total,
+                    size_t es)
+{
+    if (k == 0) {
+        position begin = {0, 0};
+        return begin;
+    }
+    if (k == nt) {
+        position end = {list->ntensors, 0};
+        return end;
+    }
+    return locate(list, total * k / nt, es);
+}
+#endif
+
+/* h == NULL runs the roofline loop instead of SGD. */
+static void run_span(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
+                     const fastsgd_tensor_list *list, position begin, position end)
+{
+    const size_t es = elem_size(dtype);
+    for (int64_t t = begin.tensor; t < list->ntensors && t <= end.tensor; t++) {
+        int64_t lo = t == begin.tensor ? begin.offset : 0;
+        int64_t hi = t == end.tensor ? end.offset : list->sizes[t];
+        if (hi <= lo)
+            continue;
+        char *p = (char *)list->params[t] + (size_t)lo * es;
+        const char *g = (const char *)list->grads[t] + (size_t)lo * es;
+        char *b = list->bufs ? (char *)list->bufs[t] + (size_t)lo * es : NULL;
+        if (h)
+            impl->sgd[dtype](h, p, g, b, hi - lo, list->buf_is_new ? list->buf_is_new[t] : 0);
+        else
+            impl->stream[dtype](p, g, b, hi - lo);
+    }
+}
+
+static void run(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
+                const fastsgd_tensor_list *list, int serial)
+{
+    const int64_t total = total_elements(list);
+    const size_t es = elem_size(dtype);
+    /* param, grad read and param written; buffer read and written */
+    const int64_t bytes = total * (int64_t)es * (list->bufs ? 5 : 3);
+    int64_t nthreads = bytes / PARALLEL_MIN_BYTES_PER_THREAD;
+    const int max_threads = fastsgd_get_num_threads();
+    if (nthreads > max_threads)
+        nthreads = max_threads;
+    if (nthreads <= 1 || serial) {
+        position begin = {0, 0}, end = {list->ntensors, 0};
+        run_span(impl, dtype, h, list, begin, end);
+        return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel num_threads((int)nthreads)
+    {
+        const int64_t k = omp_get_thread_num(), nt = omp_get_num_threads();
+        run_span(impl, dtype, h, list, cut(list, k, nt, total, es),
+                 cut(list, k + 1, nt, total, es));
+    }
+#endif
+}
+
+void fastsgd_sgd(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
+                 const fastsgd_tensor_list *list, int serial)
+{
+    run(impl, dtype, h, list, serial);
+}
+
+void fastsgd_stream(const fastsgd_impl *impl, int dtype, const fastsgd_tensor_list *list,
+                    int serial)
+{
+    run(impl, dtype, NULL, list, serial);
+}
+
+int fastsgd_has_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int fastsgd_get_num_threads(void)
+{
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+void fastsgd_set_num_threads(int n)
+{
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#else
+    (void)n;
+#endif
+}

@@ -1,0 +1,42 @@
+/* Instantiates the SGD and roofline loops of sgd_loop.h for float32 and
+ * float64 as the implementation `impl_<IMPL_NAME>`.  Before including,
+ * define IMPL_NAME, IMPL_TARGET, IMPL_MADD_F32 and IMPL_MADD_F64. */
+#define IMPL_STR_(x) #x
+#define IMPL_STR(x) IMPL_STR_(x)
+#define IMPL_CAT_(a, b) a##b
+#define IMPL_CAT(a, b) IMPL_CAT_(a, b)
+
+#define SGD_TARGET IMPL_TARGET
+
+#define SGD_T float
+#define SGD_FN IMPL_CAT(sgd_f32_, IMPL_NAME)
+#define STREAM_FN IMPL_CAT(stream_f32_, IMPL_NAME)
+#define SGD_MADD IMPL_MADD_F32
+#include "sgd_loop.h"
+#undef SGD_T
+#undef SGD_FN
+#undef STREAM_FN
+#undef SGD_MADD
+
+#define SGD_T double
+#define SGD_FN IMPL_CAT(sgd_f64_, IMPL_NAME)
+#define STREAM_FN IMPL_CAT(stream_f64_, IMPL_NAME)
+#define SGD_MADD IMPL_MADD_F64
+#include "sgd_loop.h"
+#undef SGD_T
+#undef SGD_FN
+#undef STREAM_FN
+#undef SGD_MADD
+
+#undef SGD_TARGET
+
+static const fastsgd_impl IMPL_CAT(impl_, IMPL_NAME) = {
+    IMPL_STR(IMPL_NAME),
+    {IMPL_CAT(sgd_f32_, IMPL_NAME), IMPL_CAT(sgd_f64_, IMPL_NAME)},
+    {IMPL_CAT(stream_f32_, IMPL_NAME), IMPL_CAT(stream_f64_, IMPL_NAME)},
+};
+
+#undef IMPL_NAME
+#undef IMPL_TARGET
+#undef IMPL_MADD_F32
+#undef IMPL_MADD_F64
