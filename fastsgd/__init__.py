@@ -1,15 +1,23 @@
 """fastsgd: torch.optim.SGD, bit for bit, on numpy arrays, in native code.
 
 The kernel in use is chosen at import: the best this CPU runs, unless the
-environment variable FASTSGD_CPU_CAPABILITY names another ("default",
-"avx2", "avx512"; see available_capabilities()).  "default" rounds as torch
-does at ATEN_CPU_CAPABILITY=default; the others as torch's AVX2/AVX-512
-kernels (one fused multiply-add per multiply-add).
+environment variable FASTSGD_CPU_CAPABILITY names another ("avx512",
+"avx2", "portable", "default"; see available_capabilities()).  "default"
+rounds as torch does at ATEN_CPU_CAPABILITY=default; the others as torch's
+vectorised kernels (one fused multiply-add per multiply-add), bit-identical
+to each other.  Steps use up to get_num_threads() OpenMP threads.
 """
 import os as _os
 
 from . import functional, reference
-from ._native import available_capabilities, cpu_capability, set_cpu_capability
+from ._native import (
+    available_capabilities,
+    cpu_capability,
+    get_num_threads,
+    has_openmp,
+    set_cpu_capability,
+    set_num_threads,
+)
 from .optimizer import (
     Optimizer,
     register_optimizer_step_post_hook,
@@ -27,11 +35,14 @@ __all__ = [
     "available_capabilities",
     "cpu_capability",
     "functional",
+    "get_num_threads",
+    "has_openmp",
     "reference",
     "register_optimizer_step_post_hook",
     "register_optimizer_step_pre_hook",
     "required",
     "set_cpu_capability",
+    "set_num_threads",
 ]
 
 Parameter.__module__ = __name__

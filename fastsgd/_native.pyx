@@ -1,17 +1,32 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
 """The boundary between Python and the C kernels in csrc/.
 
-This module only converts and validates: it checks every tensor of a step,
-turns the arrays into pointer lists per dtype, allocates the momentum buffers
-a first step needs, and then calls the C kernel once per dtype with the GIL
-released.  All the arithmetic lives in csrc/.
+This module only converts and validates.  A step of a group checks every
+tensor, turns the arrays into pointer lists per dtype, allocates the momentum
+buffers that first steps need, and then calls the C driver once per dtype
+with the GIL released.  All the arithmetic lives in csrc/.
+
+What a step gathers from the optimizer's state is cached per group (see
+_GroupPlan) so that a steady-state step costs a few nanoseconds per tensor
+and allocates nothing; grads and every array's metadata are still checked on
+every step.
 """
 import numpy as np
 
 cimport numpy as cnp
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.dict cimport PyDict_Check, PyDict_GetItem
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
+from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
+                               PyThread_allocate_lock, PyThread_free_lock,
+                               PyThread_release_lock, PyThread_type_lock)
+from cpython.ref cimport Py_INCREF, Py_XDECREF
+from cpython.tuple cimport PyTuple_GET_ITEM
 from libc.stdint cimport int64_t, uint8_t
-from libc.string cimport memset
+
+from .optimizer import OptimizerState, ParamState
+from .parameter import Parameter
 
 cnp.import_array()
 
@@ -25,37 +40,51 @@ cdef extern from "fastsgd.h" nogil:
         int nesterov
         int maximize
 
-    ctypedef void (*fastsgd_sgd_f32_fn)(const fastsgd_sgd_hyper *h, int64_t ntensors,
-                                        float **params, const float **grads,
-                                        float **bufs, const uint8_t *buf_is_new,
-                                        const int64_t *sizes)
-    ctypedef void (*fastsgd_sgd_f64_fn)(const fastsgd_sgd_hyper *h, int64_t ntensors,
-                                        double **params, const double **grads,
-                                        double **bufs, const uint8_t *buf_is_new,
-                                        const int64_t *sizes)
+    enum:
+        FASTSGD_F32
+        FASTSGD_F64
+
+    ctypedef struct fastsgd_tensor_list:
+        int64_t ntensors
+        void **params
+        const void **grads
+        void **bufs
+        const uint8_t *buf_is_new
+        const int64_t *sizes
 
     ctypedef struct fastsgd_impl:
         const char *name
-        fastsgd_sgd_f32_fn sgd_f32
-        fastsgd_sgd_f64_fn sgd_f64
 
     const fastsgd_impl *fastsgd_find_impl(const char *name)
     const fastsgd_impl *fastsgd_best_impl()
     const char *const *fastsgd_impl_names()
+    void fastsgd_sgd(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
+                     const fastsgd_tensor_list *list, int serial)
+    void fastsgd_stream(const fastsgd_impl *impl, int dtype, const fastsgd_tensor_list *list,
+                        int serial)
+    int fastsgd_get_num_threads()
+    void fastsgd_set_num_threads(int n)
+    int fastsgd_has_openmp()
 
+
+cdef extern from "structmember.h":
+    ctypedef struct PyMemberDef:
+        Py_ssize_t offset
+
+cdef extern from "Python.h":
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef *d_member
+
+
+# ------------------------------------------------------------------ kernels
 
 cdef const fastsgd_impl *_impl = fastsgd_best_impl()
 cdef Py_ssize_t _native_calls = 0
 
 
-def native_call_count():
-    """How many times a C kernel has been called in this process (lets tests
-    check that a step makes one call per group and dtype, not per tensor)."""
-    return _native_calls
-
-
 def available_capabilities():
-    """Names of the kernels this build has and this CPU runs, best first."""
+    """Names of the kernels this build has and this CPU runs, in order of
+    preference."""
     cdef const char *const *names = fastsgd_impl_names()
     found = []
     cdef Py_ssize_t i = 0
@@ -82,22 +111,76 @@ def set_cpu_capability(name):
     _impl = impl
 
 
+def get_num_threads():
+    """Threads a step may use (OpenMP's, so OMP_NUM_THREADS and threadpoolctl
+    apply); 1 in a build without OpenMP."""
+    return fastsgd_get_num_threads()
+
+
+def set_num_threads(int n):
+    """Let steps use up to n threads (small steps use fewer)."""
+    if n < 1:
+        raise ValueError(f"number of threads must be at least 1, but got {n}")
+    fastsgd_set_num_threads(n)
+
+
+def has_openmp():
+    """Whether this build runs steps on several threads."""
+    return bool(fastsgd_has_openmp())
+
+
+def native_call_count():
+    """How many times a C kernel has been called in this process (lets tests
+    check that a step makes one call per group and dtype, not per tensor)."""
+    return _native_calls
+
+
+# --------------------------------------------------------- reading a .grad
+
+# Parameter keeps .grad in a slot: read it at its offset, as the slot's own
+# descriptor would, without the attribute lookup (a step reads every grad).
+cdef type _PARAMETER = Parameter
+cdef Py_ssize_t _GRAD_OFFSET = -1
+if type(Parameter.__dict__.get("grad")).__name__ == "member_descriptor":
+    _GRAD_OFFSET = (<PyMemberDescrObject *>Parameter.__dict__["grad"]).d_member.offset
+
+
+cdef inline object _grad_of(object p):
+    cdef PyObject *grad
+    if type(p) is _PARAMETER and _GRAD_OFFSET >= 0:
+        grad = (<PyObject **>((<char *><PyObject *>p) + _GRAD_OFFSET))[0]
+        if grad != NULL:
+            return <object>grad
+    return p.grad
+
+
+# --------------------------------------------------------------- validation
+
 # Errors name the input as the user wrote it: param_groups[g]['params'][i]
 # for an optimizer's group g, params[i] for the functional API (group -1).
-cdef inline str _where(Py_ssize_t group_index, Py_ssize_t index):
+cdef str _where(Py_ssize_t group_index, Py_ssize_t index):
     if group_index < 0:
         return f"params[{index}]"
     return f"param_groups[{group_index}]['params'][{index}]"
 
 
-cdef inline str _where_option(Py_ssize_t group_index, str key):
+cdef str _where_option(Py_ssize_t group_index, str key):
     if group_index < 0:
         return key
     return f"param_groups[{group_index}]['{key}']"
 
 
-cdef double _hyper(dict hyper, str key, Py_ssize_t group_index) except? -1.0:
-    value = hyper[key]
+cdef object _option(dict options, str key, Py_ssize_t group_index):
+    cdef PyObject *value = PyDict_GetItem(options, key)
+    if value == NULL:
+        raise KeyError(f"{_where_option(group_index, key)} is missing")
+    return <object>value
+
+
+cdef double _real_option(dict options, str key, Py_ssize_t group_index) except? -1.0:
+    value = _option(options, key, group_index)
+    if type(value) is float:
+        return <double>value
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -150,7 +233,7 @@ cdef int _check_like(cnp.ndarray param, object x, str what, Py_ssize_t group_ind
     return 0
 
 
-cdef inline bint _disjoint(cnp.ndarray a, cnp.ndarray b):
+cdef inline bint _disjoint(cnp.ndarray a, cnp.ndarray b) noexcept:
     """a and b are dense and of equal size (checked before)."""
     cdef char *a0 = <char *>cnp.PyArray_DATA(a)
     cdef char *b0 = <char *>cnp.PyArray_DATA(b)
@@ -158,132 +241,495 @@ cdef inline bint _disjoint(cnp.ndarray a, cnp.ndarray b):
     return nbytes == 0 or a0 + nbytes <= b0 or b0 + nbytes <= a0
 
 
-cdef inline bint _same_or_disjoint(cnp.ndarray a, cnp.ndarray b):
+cdef inline bint _same_or_disjoint(cnp.ndarray a, cnp.ndarray b) noexcept:
     """A grad that is its parameter is harmless to an element-wise update (each
     element is read before it is written); partial overlap is not."""
     return cnp.PyArray_DATA(a) == cnp.PyArray_DATA(b) or _disjoint(a, b)
 
 
-cdef class _DtypeBatch:
-    """Pointer lists of the tensors of one dtype, in the order they step."""
+# numpy's public array struct, read directly on the fast path: no
+# reference counting, no calls.
+cdef extern from "numpy/ndarraytypes.h":
+    ctypedef struct descr_fields "PyArray_Descr":
+        char byteorder
+        int type_num
+    ctypedef struct PyArrayObject_fields:
+        char *data
+        int nd
+        cnp.npy_intp *dimensions
+        descr_fields *descr
+        int flags
+    enum: NPY_OPPBYTE  # the byte order char of a byte-swapped dtype
+
+ctypedef PyArrayObject_fields *array_ptr
+
+cdef PyTypeObject *_NDARRAY = <PyTypeObject *>np.ndarray
+
+cdef int _DENSE = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_F_CONTIGUOUS
+
+
+cdef inline bint _is_float_array(PyObject *x, bint must_write) noexcept:
+    """Every rule _check_float_array enforces, without building messages."""
+    cdef PyTypeObject *t = Py_TYPE(<object>x)
+    if not (t == _NDARRAY or t == <PyTypeObject *>_PARAMETER or cnp.PyArray_Check(<object>x)):
+        return False
+    cdef array_ptr a = <array_ptr>x
+    cdef int need = cnp.NPY_ARRAY_ALIGNED | (cnp.NPY_ARRAY_WRITEABLE if must_write else 0)
+    return ((a.descr.type_num == cnp.NPY_FLOAT32 or a.descr.type_num == cnp.NPY_FLOAT64)
+            and (a.flags & need) == need and a.descr.byteorder != NPY_OPPBYTE)
+
+
+cdef inline bint _is_like(array_ptr p, PyObject *x, bint must_write) noexcept:
+    """Every rule _check_like enforces, without building messages."""
+    if not _is_float_array(x, must_write):
+        return False
+    cdef array_ptr a = <array_ptr>x
+    if a.descr.type_num != p.descr.type_num or a.nd != p.nd:
+        return False
+    cdef int d
+    for d in range(p.nd):
+        if a.dimensions[d] != p.dimensions[d]:
+            return False
+    return (a.flags & p.flags & _DENSE) != 0
+
+
+cdef inline bint _apart(array_ptr a, array_ptr b, Py_ssize_t nbytes) noexcept:
+    return nbytes == 0 or a.data + nbytes <= b.data or b.data + nbytes <= a.data
+
+
+cdef inline Py_ssize_t _itemsize(array_ptr a) noexcept:
+    return 4 if a.descr.type_num == cnp.NPY_FLOAT32 else 8
+
+
+cdef inline Py_ssize_t _nbytes(array_ptr a) noexcept:
+    cdef Py_ssize_t n = _itemsize(a)
+    cdef int d
+    for d in range(a.nd):
+        n *= a.dimensions[d]
+    return n
+
+
+cdef inline bint _steps_as_is(PyObject *param, PyObject *grad, PyObject *buf) noexcept:
+    """True when param, grad and buf (NULL without momentum) pass every rule
+    of _explain_rejection: the fast path of every step."""
+    if not _is_float_array(param, True):
+        return False
+    cdef array_ptr p = <array_ptr>param
+    if not (p.flags & _DENSE) or not _is_like(p, grad, False):
+        return False
+    cdef array_ptr g = <array_ptr>grad
+    cdef Py_ssize_t nbytes = _nbytes(p)
+    if not (g.data == p.data or _apart(p, g, nbytes)):
+        return False
+    if buf == NULL:
+        return True
+    cdef array_ptr b = <array_ptr>buf
+    return _is_like(p, buf, True) and _apart(p, b, nbytes) and _apart(g, b, nbytes)
+
+
+cdef int _explain_rejection(object param, object grad, object buf, Py_ssize_t group_index,
+                            Py_ssize_t index) except -1:
+    """Raise the error that says which rule param, grad or buf breaks."""
+    _check_float_array(param, "parameter", group_index, index, True)
+    cdef cnp.ndarray p = <cnp.ndarray>param
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(p) or cnp.PyArray_IS_F_CONTIGUOUS(p)):
+        raise ValueError(f"{_where(group_index, index)}: parameter must be contiguous "
+                         f"(C or Fortran order); it is updated in place, never "
+                         f"through a copy")
+    _check_like(p, grad, "grad", group_index, index, False)
+    if not _same_or_disjoint(p, <cnp.ndarray>grad):
+        raise ValueError(f"{_where(group_index, index)}: grad partially overlaps the "
+                         f"parameter's memory")
+    if buf is not None:
+        _check_like(p, buf, "momentum_buffer", group_index, index, True)
+        if not (_disjoint(p, <cnp.ndarray>buf) and _disjoint(<cnp.ndarray>grad, <cnp.ndarray>buf)):
+            raise ValueError(f"{_where(group_index, index)}: momentum_buffer shares "
+                             f"memory with the parameter or its grad")
+    raise AssertionError(f"{_where(group_index, index)}: rejected by no rule")
+
+
+# ------------------------------------------------------------ pointer lists
+
+cdef class _Batch:
+    """The tensors of one dtype that a step updates, as the C driver takes
+    them.  It holds a reference to each grad and buffer it points into until
+    clear(), so that no other thread can free one while the GIL is released
+    (the caller holds the params).  Its storage
+    only grows, so a steady-state step allocates nothing."""
     cdef Py_ssize_t count
+    cdef Py_ssize_t capacity
     cdef void **params
-    cdef void **grads
+    cdef const void **grads
     cdef void **bufs
     cdef uint8_t *buf_is_new
     cdef int64_t *sizes
-
-    def __cinit__(self, Py_ssize_t capacity):
-        cdef Py_ssize_t n = capacity if capacity > 0 else 1
-        self.count = 0
-        self.params = <void **>PyMem_Malloc(n * sizeof(void *))
-        self.grads = <void **>PyMem_Malloc(n * sizeof(void *))
-        self.bufs = <void **>PyMem_Malloc(n * sizeof(void *))
-        self.buf_is_new = <uint8_t *>PyMem_Malloc(n * sizeof(uint8_t))
-        self.sizes = <int64_t *>PyMem_Malloc(n * sizeof(int64_t))
-        if (self.params == NULL or self.grads == NULL or self.bufs == NULL
-                or self.buf_is_new == NULL or self.sizes == NULL):
-            raise MemoryError()
-        memset(self.bufs, 0, n * sizeof(void *))
+    cdef PyObject **held  # 2 per tensor: grad, buffer (or NULL)
 
     def __dealloc__(self):
+        self.clear()
         PyMem_Free(self.params)
         PyMem_Free(self.grads)
         PyMem_Free(self.bufs)
         PyMem_Free(self.buf_is_new)
         PyMem_Free(self.sizes)
+        PyMem_Free(self.held)
 
-    cdef void add(self, cnp.ndarray param, cnp.ndarray grad, object buf, bint buf_is_new):
+    cdef int reserve(self, Py_ssize_t n) except -1:
+        if n <= self.capacity:
+            return 0
+        self.params = <void **>_grow(self.params, n * sizeof(void *))
+        self.grads = <const void **>_grow(self.grads, n * sizeof(void *))
+        self.bufs = <void **>_grow(self.bufs, n * sizeof(void *))
+        self.buf_is_new = <uint8_t *>_grow(self.buf_is_new, n * sizeof(uint8_t))
+        self.sizes = <int64_t *>_grow(self.sizes, n * sizeof(int64_t))
+        self.held = <PyObject **>_grow(self.held, 2 * n * sizeof(PyObject *))
+        self.capacity = n
+        return 0
+
+    cdef void add(self, object param, object grad, object buf, bint buf_is_new) noexcept:
         cdef Py_ssize_t i = self.count
-        self.params[i] = cnp.PyArray_DATA(param)
-        self.grads[i] = cnp.PyArray_DATA(grad)
-        self.bufs[i] = cnp.PyArray_DATA(<cnp.ndarray>buf) if buf is not None else NULL
+        self.params[i] = (<array_ptr><PyObject *>param).data
+        self.grads[i] = (<array_ptr><PyObject *>grad).data
+        self.bufs[i] = (<array_ptr><PyObject *>buf).data if buf is not None else NULL
         self.buf_is_new[i] = buf_is_new
-        self.sizes[i] = cnp.PyArray_SIZE(param)
+        self.sizes[i] = _nbytes(<array_ptr><PyObject *>param) // _itemsize(<array_ptr><PyObject *>param)
+        self.held[2 * i] = <PyObject *>grad
+        self.held[2 * i + 1] = <PyObject *>buf if buf is not None else NULL
+        Py_INCREF(grad)
+        if buf is not None:
+            Py_INCREF(buf)
         self.count = i + 1
 
+    cdef void clear(self) noexcept:
+        cdef Py_ssize_t i
+        for i in range(2 * self.count):
+            Py_XDECREF(self.held[i])
+        self.count = 0
 
-cdef class SGDPlan:
-    """A validated SGD step of one parameter group, ready to run.
+    cdef fastsgd_tensor_list as_list(self, bint with_buffers) noexcept nogil:
+        cdef fastsgd_tensor_list lst
+        lst.ntensors = self.count
+        lst.params = self.params
+        lst.grads = self.grads
+        lst.bufs = self.bufs if with_buffers else NULL
+        lst.buf_is_new = self.buf_is_new if with_buffers else NULL
+        lst.sizes = self.sizes
+        return lst
 
-    Building a plan checks every input and allocates the momentum buffers of
-    first steps; it writes nothing.  `run()` then cannot fail, which is what
-    lets SGD.step validate every group before it updates any.
-    """
+
+cdef void *_grow(void *old, size_t nbytes) except NULL:
+    cdef void *new = PyMem_Realloc(old, nbytes)
+    if new == NULL:
+        raise MemoryError()
+    return new
+
+
+# ----------------------------------------------------------- a group's step
+
+def _any_overlap(arrays):
+    """Whether any two of the arrays (numpy arrays or anything else, which is
+    ignored) share a byte of memory."""
+    spans = sorted((a.__array_interface__["data"][0], a.nbytes)
+                   for a in arrays if isinstance(a, np.ndarray) and a.nbytes)
+    return any(start + nbytes > next_start
+               for (start, nbytes), (next_start, _) in zip(spans, spans[1:]))
+
+
+# In a plan's buffer cache: "this parameter's state is not a ParamState, so
+# look its buffer up on every step".
+cdef object _LOOK_UP = object()
+
+
+cdef object _buffer_in_state(object state, object param, Py_ssize_t group_index,
+                             Py_ssize_t index):
+    """state[param]['momentum_buffer'], or None; never adds a state entry."""
+    cdef PyObject *param_state = PyDict_GetItem(state, param)
+    if param_state == NULL:
+        return None
+    if not PyDict_Check(<object>param_state):
+        raise TypeError(f"{_where(group_index, index)}: optimizer.state of the parameter "
+                        f"must be a dict, but got {type(<object>param_state).__name__}")
+    cdef PyObject *buf = PyDict_GetItem(<object>param_state, "momentum_buffer")
+    return <object>buf if buf != NULL else None
+
+
+cdef class _GroupPlan:
+    """One parameter group's step: validated and staged by prepare(), then
+    run() (which cannot fail), then commit() (which stores new buffers).
+
+    The plan caches the group's parameters and their momentum buffers.  The
+    cache holds while the group's params list is the same list holding the
+    same parameters, the optimizer's state is the same OptimizerState and no
+    OptimizerState or ParamState has changed since (their version counter),
+    and momentum stays on or off.  Anything else rebuilds it from the state."""
     cdef fastsgd_sgd_hyper hyper
-    cdef _DtypeBatch f32
-    cdef _DtypeBatch f64
-    cdef list _keepalive
+    cdef bint with_momentum
+    cdef bint serial  # some tensors share memory: step them in order, on one thread
+    cdef _Batch f32
+    cdef _Batch f64
     cdef readonly list new_buffers
     """(position in params, array) of each momentum buffer this step creates."""
 
-    def __init__(self, list params, list grads, list buffers, dict hyper,
-                 Py_ssize_t group_index=0):
-        self.hyper.lr = _hyper(hyper, "lr", group_index)
-        self.hyper.momentum = _hyper(hyper, "momentum", group_index)
-        self.hyper.dampening = _hyper(hyper, "dampening", group_index)
-        self.hyper.weight_decay = _hyper(hyper, "weight_decay", group_index)
-        self.hyper.nesterov = bool(hyper["nesterov"])
-        self.hyper.maximize = bool(hyper["maximize"])
-        cdef bint use_momentum = self.hyper.momentum != 0.0
+    cdef object cached_params_list
+    cdef tuple cached_params
+    cdef list cached_buffers
+    cdef object cached_state
+    cdef object cached_version
+    cdef bint cached_with_momentum
 
-        cdef Py_ssize_t n = len(params)
-        if len(grads) != n or (use_momentum and len(buffers) != n):
-            raise ValueError(f"got {n} params, {len(grads)} grads and {len(buffers)} "
-                             f"momentum buffers")
-        self.f32 = _DtypeBatch(n)
-        self.f64 = _DtypeBatch(n)
-        # The batches hold raw pointers: keep every array alive until run().
-        self._keepalive = [list(params), list(grads), list(buffers)]
+    def __cinit__(self):
+        self.f32 = _Batch()
+        self.f64 = _Batch()
         self.new_buffers = []
 
-        cdef Py_ssize_t i
-        cdef cnp.ndarray param
-        cdef bint buf_is_new
-        cdef object buf
+    cdef int read_options(self, dict options, Py_ssize_t group_index) except -1:
+        self.hyper.lr = _real_option(options, "lr", group_index)
+        self.hyper.momentum = _real_option(options, "momentum", group_index)
+        self.hyper.dampening = _real_option(options, "dampening", group_index)
+        self.hyper.weight_decay = _real_option(options, "weight_decay", group_index)
+        self.hyper.nesterov = bool(_option(options, "nesterov", group_index))
+        self.hyper.maximize = bool(_option(options, "maximize", group_index))
+        self.with_momentum = self.hyper.momentum != 0.0
+        return 0
+
+    cdef int reset(self, Py_ssize_t n) except -1:
+        self.f32.clear()
+        self.f64.clear()
+        self.f32.reserve(n)
+        self.f64.reserve(n)
+        if self.new_buffers:
+            del self.new_buffers[:]
+        return 0
+
+    cdef int stage(self, Py_ssize_t index, object param, object grad, object buf,
+                   Py_ssize_t group_index) except -1:
+        """Check one tensor and add it to the batch of its dtype."""
+        cdef bint buf_is_new = False
+        if not self.with_momentum:
+            buf = None
+        elif buf is None:
+            if not _steps_as_is(<PyObject *>param, <PyObject *>grad, NULL):
+                _explain_rejection(param, grad, None, group_index, index)
+            buf = np.empty_like(param, subok=False)
+            buf_is_new = True
+            self.new_buffers.append((index, buf))
+        if not buf_is_new and not _steps_as_is(<PyObject *>param, <PyObject *>grad,
+                                               <PyObject *>buf if buf is not None else NULL):
+            _explain_rejection(param, grad, buf, group_index, index)
+        if (<array_ptr><PyObject *>param).descr.type_num == cnp.NPY_FLOAT32:
+            self.f32.add(param, grad, buf, buf_is_new)
+        else:
+            self.f64.add(param, grad, buf, buf_is_new)
+        return 0
+
+    cdef bint cache_holds(self, list params, object state, object version):
+        if not (params is self.cached_params_list and state is self.cached_state
+                and version is not None and version == self.cached_version
+                and self.with_momentum == self.cached_with_momentum):
+            return False
+        cdef Py_ssize_t i, n = PyList_GET_SIZE(params)
+        if n != len(self.cached_params):
+            return False
         for i in range(n):
-            grad = grads[i]
+            if PyList_GET_ITEM(params, i) != PyTuple_GET_ITEM(self.cached_params, i):
+                return False
+        return True
+
+    cdef int rebuild_cache(self, list params, object state, object version,
+                           Py_ssize_t group_index) except -1:
+        cdef Py_ssize_t i
+        self.cached_params_list = params
+        self.cached_params = tuple(params)
+        self.cached_state = state
+        self.cached_version = version
+        self.cached_with_momentum = self.with_momentum
+        self.cached_buffers = None
+        buffers = []
+        if self.with_momentum:
+            buffers = [None] * len(params)
+            for i, p in enumerate(params):
+                param_state = state.get(p)
+                if version is None or (param_state is not None and type(param_state) is not ParamState):
+                    buffers[i] = _LOOK_UP
+                else:
+                    buffers[i] = _buffer_in_state(state, p, group_index, i)
+            self.cached_buffers = buffers
+        # Arrays stay where they are while the cache holds them, so their
+        # overlaps do too.  A buffer looked up per step cannot be checked
+        # here: the group then steps in order.
+        looked_up = [b is _LOOK_UP for b in buffers]
+        self.serial = any(looked_up) or _any_overlap(
+            params + [b for b, dynamic in zip(buffers, looked_up) if not dynamic])
+        return 0
+
+    cdef int prepare_group(self, dict group, object state, object version,
+                           Py_ssize_t group_index) except -1:
+        """Stage the group's step from the optimizer's param_groups and state."""
+        self.read_options(group, group_index)
+        if _option(group, "differentiable", group_index):
+            raise RuntimeError(_NO_AUTOGRAD)
+        params = _option(group, "params", group_index)
+        if type(params) is not list:
+            params = list(params)
+        if not PyDict_Check(state):
+            raise TypeError(f"optimizer.state must be a dict, but got {type(state).__name__}")
+        if not self.cache_holds(params, state, version):
+            self.rebuild_cache(params, state, version, group_index)
+        cdef Py_ssize_t i, n = PyList_GET_SIZE(params)
+        self.reset(n)
+        cdef object param, grad, buf = None
+        for i in range(n):
+            param = <object>PyList_GET_ITEM(params, i)
+            if type(param) is not _PARAMETER and not isinstance(param, _PARAMETER):
+                raise TypeError(f"{_where(group_index, i)}: optimizer can only optimize "
+                                f"Parameters, but got {type(param).__name__}")
+            grad = _grad_of(param)
             if grad is None:
                 continue
-            _check_float_array(params[i], "parameter", group_index, i, True)
-            param = <cnp.ndarray>params[i]
-            if not (cnp.PyArray_IS_C_CONTIGUOUS(param) or cnp.PyArray_IS_F_CONTIGUOUS(param)):
-                raise ValueError(f"{_where(group_index, i)}: parameter must be contiguous "
-                                 f"(C or Fortran order); it is updated in place, never "
-                                 f"through a copy")
-            _check_like(param, grad, "grad", group_index, i, False)
-            if not _same_or_disjoint(param, <cnp.ndarray>grad):
-                raise ValueError(f"{_where(group_index, i)}: grad partially overlaps the "
-                                 f"parameter's memory")
-            buf = None
-            buf_is_new = False
-            if use_momentum:
-                buf = buffers[i]
-                if buf is None:
-                    buf = np.empty_like(param, subok=False)
-                    buf_is_new = True
-                    self.new_buffers.append((i, buf))
-                else:
-                    _check_like(param, buf, "momentum_buffer", group_index, i, True)
-                    if not (_disjoint(param, <cnp.ndarray>buf) and _disjoint(<cnp.ndarray>grad, <cnp.ndarray>buf)):
-                        raise ValueError(f"{_where(group_index, i)}: momentum_buffer shares "
-                                         f"memory with the parameter or its grad")
-            if cnp.PyArray_TYPE(param) == cnp.NPY_FLOAT32:
-                self.f32.add(param, <cnp.ndarray>grad, buf, buf_is_new)
-            else:
-                self.f64.add(param, <cnp.ndarray>grad, buf, buf_is_new)
+            if self.with_momentum:
+                buf = <object>PyList_GET_ITEM(self.cached_buffers, i)
+                if buf is _LOOK_UP:
+                    buf = _buffer_in_state(state, param, group_index, i)
+            self.stage(i, param, grad, buf, group_index)
+        return 0
 
-    def run(self):
-        """Update every parameter and buffer of the plan in place."""
+    cdef int prepare_lists(self, list params, list grads, list buffers,
+                           dict options) except -1:
+        """Stage a step of explicit lists (the functional API)."""
+        self.read_options(options, -1)
+        cdef Py_ssize_t i, n = len(params)
+        if len(grads) != n or (self.with_momentum and len(buffers) != n):
+            raise ValueError(f"got {n} params, {len(grads)} grads and {len(buffers)} "
+                             f"momentum buffers")
+        self.reset(n)
+        self.serial = _any_overlap(params + [b for b in buffers if b is not None])
+        for i in range(n):
+            if grads[i] is not None:
+                self.stage(i, params[i], grads[i],
+                           buffers[i] if self.with_momentum else None, -1)
+        return 0
+
+    cdef void run(self, bint roofline):
         global _native_calls
         cdef const fastsgd_impl *impl = _impl
-        _native_calls += (self.f32.count > 0) + (self.f64.count > 0)
+        cdef fastsgd_tensor_list f32 = self.f32.as_list(self.with_momentum)
+        cdef fastsgd_tensor_list f64 = self.f64.as_list(self.with_momentum)
+        _native_calls += (f32.ntensors > 0) + (f64.ntensors > 0)
         with nogil:
-            if self.f32.count:
-                impl.sgd_f32(&self.hyper, self.f32.count, <float **>self.f32.params,
-                             <const float **>self.f32.grads, <float **>self.f32.bufs,
-                             self.f32.buf_is_new, self.f32.sizes)
-            if self.f64.count:
-                impl.sgd_f64(&self.hyper, self.f64.count, <double **>self.f64.params,
-                             <const double **>self.f64.grads, <double **>self.f64.bufs,
-                             self.f64.buf_is_new, self.f64.sizes)
+            if f32.ntensors:
+                if roofline:
+                    fastsgd_stream(impl, FASTSGD_F32, &f32, self.serial)
+                else:
+                    fastsgd_sgd(impl, FASTSGD_F32, &self.hyper, &f32, self.serial)
+            if f64.ntensors:
+                if roofline:
+                    fastsgd_stream(impl, FASTSGD_F64, &f64, self.serial)
+                else:
+                    fastsgd_sgd(impl, FASTSGD_F64, &self.hyper, &f64, self.serial)
+
+    cdef int commit(self, object state) except -1:
+        """Store the buffers this step created and let go of the arrays."""
+        self.f32.clear()
+        self.f64.clear()
+        cdef Py_ssize_t i
+        for i, buf in self.new_buffers:
+            state[self.cached_params[i]]["momentum_buffer"] = buf
+        return 0
+
+
+_NO_AUTOGRAD = "fastsgd has no autograd: differentiable=True is not supported"
+
+
+cdef class SGDStepper:
+    """Steps an optimizer's param_groups: every group is validated and staged
+    before any is run, so a bad input anywhere leaves every array untouched.
+    Steps of one stepper from several threads take turns."""
+    cdef list plans
+    cdef PyThread_type_lock lock
+
+    def __cinit__(self):
+        self.plans = []
+        self.lock = PyThread_allocate_lock()
+        if self.lock == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        if self.lock != NULL:
+            PyThread_free_lock(self.lock)
+
+    def step(self, list param_groups, object state):
+        """Validate every group, then update every group."""
+        self._locked(param_groups, state, True)
+
+    def validate(self, list param_groups, object state):
+        """Raise what step() would raise, writing nothing."""
+        self._locked(param_groups, state, False)
+
+    cdef int _locked(self, list param_groups, object state, bint run) except -1:
+        if not PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
+            with nogil:
+                PyThread_acquire_lock(self.lock, WAIT_LOCK)
+        try:
+            self._prepare_all(param_groups, state)
+            for plan in self.plans:
+                if run:
+                    (<_GroupPlan>plan).run(False)
+                    (<_GroupPlan>plan).commit(state)
+                else:
+                    (<_GroupPlan>plan).reset(0)
+        finally:
+            PyThread_release_lock(self.lock)
+        return 0
+
+    cdef int _prepare_all(self, list param_groups, object state) except -1:
+        cdef Py_ssize_t g, n = len(param_groups)
+        while len(self.plans) < n:
+            self.plans.append(_GroupPlan())
+        if len(self.plans) > n:
+            del self.plans[n:]
+        version = OptimizerState.version if type(state) is OptimizerState else None
+        try:
+            for g in range(n):
+                group = param_groups[g]
+                if not PyDict_Check(group):
+                    raise TypeError(f"param_groups[{g}] must be a dict, but got "
+                                    f"{type(group).__name__}")
+                (<_GroupPlan>self.plans[g]).prepare_group(group, state, version, g)
+        except BaseException:
+            for plan in self.plans:
+                (<_GroupPlan>plan).reset(0)
+            raise
+        return 0
+
+
+def sgd(params, grads, momentum_buffers, dict options):
+    """One step of explicit lists; returns [(position, new buffer), ...]."""
+    cdef _GroupPlan plan = _GroupPlan()
+    params = list(params)  # holds the params the batches point into
+    plan.prepare_lists(params, list(grads), list(momentum_buffers), options)
+    plan.run(False)
+    plan.f32.clear()
+    plan.f64.clear()
+    return plan.new_buffers
+
+
+cdef class Roofline:
+    """The roofline of a step: the C streaming loop with the same reads and
+    writes per element as SGD over these arrays, split over threads the same
+    way.  Calling it runs one pass; it writes into params and buffers."""
+    cdef _GroupPlan plan
+    cdef list params  # the batches point into them
+
+    def __init__(self, params, grads, momentum_buffers):
+        self.params = list(params)
+        self.plan = _GroupPlan()
+        options = {"lr": 0.0, "momentum": 1.0 if momentum_buffers else 0.0,
+                   "dampening": 0.0, "weight_decay": 0.0, "nesterov": False,
+                   "maximize": False}
+        self.plan.prepare_lists(self.params, list(grads),
+                                list(momentum_buffers) or [None] * len(self.params), options)
+        if self.plan.new_buffers:
+            raise ValueError("the roofline needs existing momentum buffers")
+
+    def __call__(self):
+        self.plan.run(True)

@@ -1,5 +1,5 @@
 """Functional SGD with the call shape of torch.optim.sgd.sgd."""
-from ._native import SGDPlan
+from . import _native
 
 __all__ = ["sgd"]
 
@@ -15,7 +15,6 @@ def sgd(params, d_p_list, momentum_buffer_list, has_sparse_grad=False, foreach=N
     """
     hyper = {"lr": lr, "momentum": momentum, "dampening": dampening,
              "weight_decay": weight_decay, "nesterov": nesterov, "maximize": maximize}
-    plan = SGDPlan(list(params), list(d_p_list), list(momentum_buffer_list), hyper, -1)
-    plan.run()
-    for i, buf in plan.new_buffers:
+    new_buffers = _native.sgd(params, d_p_list, momentum_buffer_list, hyper)
+    for i, buf in new_buffers:
         momentum_buffer_list[i] = buf

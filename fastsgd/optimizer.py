@@ -21,6 +21,8 @@ from .parameter import Parameter
 
 __all__ = [
     "Optimizer",
+    "OptimizerState",
+    "ParamState",
     "RemovableHandle",
     "required",
     "register_optimizer_step_pre_hook",
@@ -36,6 +38,56 @@ class _RequiredParameter:
 
 
 required = _RequiredParameter()
+
+
+_MUTATORS = ("__init__", "__setitem__", "__delitem__", "__ior__", "clear", "pop",
+             "popitem", "setdefault", "update")
+
+
+def _counts_changes(cls):
+    """Make every mutating method and operator of `cls` (that `cls` does not
+    define itself) count a change in OptimizerState.version."""
+    base = cls.__bases__[0]
+    for name in _MUTATORS:
+        if name not in cls.__dict__:
+            setattr(cls, name, _counting(getattr(base, name), f"{cls.__name__}.{name}"))
+    return cls
+
+
+def _counting(method, qualname):
+    @functools.wraps(method)
+    def mutate(self, *args, **kwargs):
+        OptimizerState.version += 1
+        return method(self, *args, **kwargs)
+
+    mutate.__qualname__ = qualname
+    return mutate
+
+
+@_counts_changes
+class ParamState(dict):
+    """The state of one parameter (e.g. ``{'momentum_buffer': array}``): a
+    dict whose changes count in ``OptimizerState.version``."""
+
+
+@_counts_changes
+class OptimizerState(defaultdict):
+    """``optimizer.state``: a defaultdict of ParamState keyed by parameter,
+    as torch's ``defaultdict(dict)``.
+
+    ``version`` counts every change made to any OptimizerState or ParamState
+    through its methods or operators (entries that ``state[p]`` creates
+    included).  A step keeps the momentum buffers it found while the version
+    stands; a state entry that is a plain dict is looked up on every step
+    instead.  Only dict's methods called unbound on it, as in
+    ``dict.__setitem__(state, ...)``, go unseen.
+    """
+
+    version = 0
+
+    def __init__(self, default_factory=ParamState, *args, **kwargs):
+        OptimizerState.version += 1
+        super().__init__(default_factory, *args, **kwargs)
 
 
 class RemovableHandle:
@@ -147,7 +199,7 @@ class Optimizer:
                 "params argument given to the optimizer should be "
                 "an iterable of Parameters or dicts, but got " + _typename(params))
 
-        self.state = defaultdict(dict)
+        self.state = OptimizerState()
         self.param_groups = []
 
         param_groups = list(params)
@@ -335,11 +387,12 @@ class Optimizer:
 
         # State of params is copied and cast; state under keys that are not
         # params is kept as is (torch keeps it for backward compatibility).
-        state = defaultdict(dict)
+        state = OptimizerState()
         for k, v in state_dict["state"].items():
             if k in id_map:
                 param = id_map[k]
-                state[param] = cast(param, v)
+                value = cast(param, v)
+                state[param] = ParamState(value) if type(value) is dict else value
             else:
                 state[k] = v
 

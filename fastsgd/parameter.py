@@ -27,6 +27,8 @@ class Parameter(np.ndarray):
     Parameter drops its grad -- so a checkpoint never carries stale grads.
     """
 
+    # .grad lives in a slot: the native step reads it at a fixed offset.
+    __slots__ = ("grad", "__dict__")
     __hash__ = object.__hash__
 
     def __new__(cls, data, dtype=None):
@@ -63,12 +65,12 @@ class Parameter(np.ndarray):
         return "Parameter(" + repr(self.view(np.ndarray))[len("array("):]
 
     def __reduce__(self):
-        attributes = {k: v for k, v in self.__dict__.items() if k != "grad"}
-        return _rebuild_parameter, (np.array(self.view(np.ndarray), order="K"), attributes)
+        return _rebuild_parameter, (np.array(self.view(np.ndarray), order="K"), self.__dict__)
 
     def __deepcopy__(self, memo):
         new = Parameter(np.array(self.view(np.ndarray), order="K"))
         memo[id(self)] = new
+        new.grad = copy.deepcopy(self.grad, memo)
         new.__dict__.update(copy.deepcopy(self.__dict__, memo))
         return new
 

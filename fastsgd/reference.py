@@ -122,8 +122,7 @@ class SGD(_NativeSGD):
         loss = None
         if closure is not None:
             loss = closure()
-        for i, group in enumerate(self.param_groups):
-            self._plan_group(i, group)  # validation only: the plan is not run
+        self._stepper.validate(self.param_groups, self.state)
         fma = self.fma if self.fma is not None else _native_rounding_is_fused()
         for group in self.param_groups:
             params = group["params"]

@@ -1,7 +1,7 @@
 """fastsgd.SGD: torch.optim.SGD's interface, stepped by the native kernel."""
 import numpy as np
 
-from ._native import SGDPlan
+from ._native import SGDStepper
 from .optimizer import Optimizer
 
 __all__ = ["SGD"]
@@ -72,30 +72,17 @@ class SGD(Optimizer):
                 raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         if differentiable:
             raise RuntimeError(_NO_AUTOGRAD)
+        self._stepper = SGDStepper()
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self._stepper = SGDStepper()
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)
-
-    def _plan_group(self, group_index, group):
-        """A validated, not yet run, step of one group."""
-        if group["differentiable"]:
-            raise RuntimeError(_NO_AUTOGRAD)
-        params = group["params"]
-        grads = [p.grad for p in params]
-        buffers = []
-        if group["momentum"] != 0:
-            state = self.state
-            # .get, not state[p]: a step that fails validation must not add
-            # state entries, and torch adds none for params without grad.
-            buffers = [state.get(p, _NO_STATE).get("momentum_buffer") if g is not None else None
-                       for p, g in zip(params, grads)]
-        return SGDPlan(params, grads, buffers, group, group_index)
 
     def step(self, closure=None):
         """Perform a single optimization step.
@@ -108,14 +95,8 @@ class SGD(Optimizer):
         if closure is not None:
             loss = closure()
 
-        plans = [self._plan_group(i, group) for i, group in enumerate(self.param_groups)]
-        for group, plan in zip(self.param_groups, plans):
-            plan.run()
-            params = group["params"]
-            for i, buf in plan.new_buffers:
-                self.state[params[i]]["momentum_buffer"] = buf
+        self._stepper.step(self.param_groups, self.state)
         return loss
 
 
-_NO_STATE = {}
 _NO_AUTOGRAD = "fastsgd has no autograd: differentiable=True is not supported"
