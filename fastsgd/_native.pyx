@@ -21,7 +21,7 @@ from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
 from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
                                PyThread_allocate_lock, PyThread_free_lock,
                                PyThread_release_lock, PyThread_type_lock)
-from cpython.ref cimport Py_INCREF, Py_XDECREF
+from cpython.ref cimport Py_XDECREF, Py_XINCREF
 from cpython.tuple cimport PyTuple_GET_ITEM
 from libc.stdint cimport int64_t, uint8_t
 
@@ -386,18 +386,19 @@ cdef class _Batch:
         self.capacity = n
         return 0
 
-    cdef void add(self, object param, object grad, object buf, bint buf_is_new) noexcept:
+    cdef inline void add(self, PyObject *param, PyObject *grad, PyObject *buf,
+                         bint buf_is_new) noexcept:
+        """Add a checked tensor; buf is NULL without momentum."""
         cdef Py_ssize_t i = self.count
-        self.params[i] = (<array_ptr><PyObject *>param).data
-        self.grads[i] = (<array_ptr><PyObject *>grad).data
-        self.bufs[i] = (<array_ptr><PyObject *>buf).data if buf is not None else NULL
+        self.params[i] = (<array_ptr>param).data
+        self.grads[i] = (<array_ptr>grad).data
+        self.bufs[i] = (<array_ptr>buf).data if buf != NULL else NULL
         self.buf_is_new[i] = buf_is_new
-        self.sizes[i] = _nbytes(<array_ptr><PyObject *>param) // _itemsize(<array_ptr><PyObject *>param)
-        self.held[2 * i] = <PyObject *>grad
-        self.held[2 * i + 1] = <PyObject *>buf if buf is not None else NULL
-        Py_INCREF(grad)
-        if buf is not None:
-            Py_INCREF(buf)
+        self.sizes[i] = _nbytes(<array_ptr>param) // _itemsize(<array_ptr>param)
+        self.held[2 * i] = grad
+        self.held[2 * i + 1] = buf
+        Py_XINCREF(grad)
+        Py_XINCREF(buf)
         self.count = i + 1
 
     cdef void clear(self) noexcept:
@@ -516,11 +517,13 @@ cdef class _GroupPlan:
         if not buf_is_new and not _steps_as_is(<PyObject *>param, <PyObject *>grad,
                                                <PyObject *>buf if buf is not None else NULL):
             _explain_rejection(param, grad, buf, group_index, index)
-        if (<array_ptr><PyObject *>param).descr.type_num == cnp.NPY_FLOAT32:
-            self.f32.add(param, grad, buf, buf_is_new)
-        else:
-            self.f64.add(param, grad, buf, buf_is_new)
+        self.batch_of(<PyObject *>param).add(<PyObject *>param, <PyObject *>grad,
+                                             <PyObject *>buf if buf is not None else NULL,
+                                             buf_is_new)
         return 0
+
+    cdef inline _Batch batch_of(self, PyObject *param):
+        return self.f32 if (<array_ptr>param).descr.type_num == cnp.NPY_FLOAT32 else self.f64
 
     cdef bint cache_holds(self, list params, object state, object version):
         if not (params is self.cached_params_list and state is self.cached_state
@@ -577,21 +580,43 @@ cdef class _GroupPlan:
             self.rebuild_cache(params, state, version, group_index)
         cdef Py_ssize_t i, n = PyList_GET_SIZE(params)
         self.reset(n)
-        cdef object param, grad, buf = None
+        cdef PyObject *param
+        cdef PyObject *grad
+        cdef PyObject *buf = NULL
         for i in range(n):
-            param = <object>PyList_GET_ITEM(params, i)
-            if type(param) is not _PARAMETER and not isinstance(param, _PARAMETER):
-                raise TypeError(f"{_where(group_index, i)}: optimizer can only optimize "
-                                f"Parameters, but got {type(param).__name__}")
-            grad = _grad_of(param)
-            if grad is None:
-                continue
-            if self.with_momentum:
-                buf = <object>PyList_GET_ITEM(self.cached_buffers, i)
-                if buf is _LOOK_UP:
-                    buf = _buffer_in_state(state, param, group_index, i)
-            self.stage(i, param, grad, buf, group_index)
+            # The steady state, on borrowed pointers: a Parameter with a grad
+            # and (with momentum) a cached buffer, all passing every check.
+            param = PyList_GET_ITEM(params, i)
+            if Py_TYPE(<object>param) == <PyTypeObject *>_PARAMETER and _GRAD_OFFSET >= 0:
+                grad = (<PyObject **>((<char *>param) + _GRAD_OFFSET))[0]
+                if grad == <PyObject *>None:
+                    continue
+                if self.with_momentum:
+                    buf = PyList_GET_ITEM(self.cached_buffers, i)
+                if (grad != NULL and (not self.with_momentum or (
+                        buf != <PyObject *>None and buf != <PyObject *>_LOOK_UP))
+                        and _steps_as_is(param, grad, buf)):
+                    self.batch_of(param).add(param, grad, buf, False)
+                    continue
+            self.stage_slowly(i, <object>param, state, group_index)
         return 0
+
+    cdef int stage_slowly(self, Py_ssize_t i, object param, object state,
+                          Py_ssize_t group_index) except -1:
+        """Everything the steady state does not cover: other types, first
+        steps, buffers looked up per step, and rejections."""
+        if not isinstance(param, _PARAMETER):
+            raise TypeError(f"{_where(group_index, i)}: optimizer can only optimize "
+                            f"Parameters, but got {type(param).__name__}")
+        grad = _grad_of(param)
+        if grad is None:
+            return 0
+        buf = None
+        if self.with_momentum:
+            buf = <object>PyList_GET_ITEM(self.cached_buffers, i)
+            if buf is _LOOK_UP:
+                buf = _buffer_in_state(state, param, group_index, i)
+        return self.stage(i, param, grad, buf, group_index)
 
     cdef int prepare_lists(self, list params, list grads, list buffers,
                            dict options) except -1:
