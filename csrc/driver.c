@@ -13,9 +13,10 @@
 
 #define CACHE_LINE 64
 
-/* Below this much memory traffic a call stays on the calling thread: waking
- * a second thread costs more than it saves (benchmarks/threshold.py). */
-#define PARALLEL_MIN_BYTES_PER_THREAD ((int64_t)1 << 18)
+/* Below this much memory traffic per thread a call stays on the calling
+ * thread: waking a second thread costs more than it saves.  The default is
+ * measured by benchmarks/threshold.py. */
+static int64_t parallel_min_bytes_per_thread = (int64_t)1 << 18;
 
 typedef struct {
     int64_t tensor;
@@ -101,7 +102,7 @@ static void run(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
     const size_t es = elem_size(dtype);
     /* param, grad read and param written; buffer read and written */
     const int64_t bytes = total * (int64_t)es * (list->bufs ? 5 : 3);
-    int64_t nthreads = bytes / PARALLEL_MIN_BYTES_PER_THREAD;
+    int64_t nthreads = bytes / parallel_min_bytes_per_thread;
     const int max_threads = fastsgd_get_num_threads();
     if (nthreads > max_threads)
         nthreads = max_threads;
@@ -130,6 +131,13 @@ void fastsgd_stream(const fastsgd_impl *impl, int dtype, const fastsgd_tensor_li
                     int serial)
 {
     run(impl, dtype, NULL, list, serial);
+}
+
+int64_t fastsgd_get_parallel_min_bytes(void) { return parallel_min_bytes_per_thread; }
+
+void fastsgd_set_parallel_min_bytes(int64_t bytes)
+{
+    parallel_min_bytes_per_thread = bytes > 0 ? bytes : 1;
 }
 
 int fastsgd_has_openmp(void)

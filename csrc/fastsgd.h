@@ -75,6 +75,10 @@ void fastsgd_stream(const fastsgd_impl *impl, int dtype, const fastsgd_tensor_li
 int fastsgd_get_num_threads(void);
 void fastsgd_set_num_threads(int n);
 
+/* Memory traffic per thread below which a call uses fewer threads. */
+int64_t fastsgd_get_parallel_min_bytes(void);
+void fastsgd_set_parallel_min_bytes(int64_t bytes);
+
 /* 1 if this build has OpenMP. */
 int fastsgd_has_openmp(void);
 

@@ -1,4 +1,7 @@
-"""python -m fastsgd check: train a small numpy MLP with the param-group idiom
+"""python -m fastsgd bench: compare fastsgd with torch, the numpy reference and
+the memory roofline (see fastsgd/bench.py).
+
+python -m fastsgd check: train a small numpy MLP with the param-group idiom
 and compare every step with fastsgd.reference and, where installed, torch."""
 import argparse
 import sys
@@ -99,10 +102,20 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     check_cmd = commands.add_parser("check", help="train a small model, compare every step")
     check_cmd.add_argument("--steps", type=int, default=50)
+    bench_cmd = commands.add_parser("bench", help="time fastsgd against its peers")
+    bench_cmd.add_argument("--workloads", nargs="+", metavar="W",
+                           help="W1 ... W6 (default: all)")
+    bench_cmd.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    bench_cmd.add_argument("--budget", type=float, default=0.5,
+                           help="seconds of timing per measurement (default 0.5)")
+    bench_cmd.add_argument("--json", default="fastsgd-bench.json",
+                           help="where to write the results ('' for nowhere)")
     args = parser.parse_args(argv)
     if args.command == "check":
         return check(steps=args.steps)
-    return 2
+    from . import bench
+
+    return bench.main(args.workloads, tuple(args.threads), args.budget, args.json)
 
 
 if __name__ == "__main__":

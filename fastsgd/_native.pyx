@@ -65,6 +65,8 @@ cdef extern from "fastsgd.h" nogil:
     int fastsgd_get_num_threads()
     void fastsgd_set_num_threads(int n)
     int fastsgd_has_openmp()
+    int64_t fastsgd_get_parallel_min_bytes()
+    void fastsgd_set_parallel_min_bytes(int64_t nbytes)
 
 
 cdef extern from "structmember.h":
@@ -122,6 +124,14 @@ def set_num_threads(int n):
     if n < 1:
         raise ValueError(f"number of threads must be at least 1, but got {n}")
     fastsgd_set_num_threads(n)
+
+
+def parallel_threshold(nbytes=None):
+    """Memory traffic per thread (bytes) below which a step uses fewer
+    threads; sets it when nbytes is given, returns the value in force."""
+    if nbytes is not None:
+        fastsgd_set_parallel_min_bytes(nbytes)
+    return fastsgd_get_parallel_min_bytes()
 
 
 def has_openmp():

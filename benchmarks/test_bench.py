@@ -1,0 +1,24 @@
+"""pytest-benchmark view of the workloads of `python -m fastsgd bench`.
+
+    python -m pytest benchmarks/ --benchmark-group-by=group
+
+Each workload and thread count is one group, so pytest-benchmark's table sets
+fastsgd beside the roofline, torch's three implementations and the numpy
+reference.  Speed targets are judged from ratios within one run (see the
+README), never asserted here.
+"""
+import pytest
+
+from fastsgd.bench import PEERS, WORKLOADS
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("peer", list(PEERS))
+@pytest.mark.parametrize("workload", WORKLOADS, ids=lambda w: w.name)
+def test_step(benchmark, workload, peer, threads):
+    step = PEERS[peer](workload, threads)
+    if step is None:
+        pytest.skip(f"{peer} does not run here at {threads} thread(s)")
+    benchmark.group = f"{workload.name} {workload.description}, {threads} thread(s)"
+    benchmark.extra_info["bytes_per_step"] = workload.bytes_per_step
+    benchmark(step)

@@ -1,0 +1,242 @@
+"""python -m fastsgd bench: fastsgd against its peers, measured in one process.
+
+Peers: torch's for-loop (its CPU default), foreach and fused SGD when torch is
+installed, fastsgd.reference (numpy), and the roofline: a C streaming loop
+shipped in the extension that makes the same reads and writes per element as
+a step, split over threads the same way.  Every peer starts from the same
+values and grads; times are medians of individually timed steps (batched for
+steps shorter than a millisecond).  Ratios are only meaningful within one run.
+"""
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import fastsgd
+from fastsgd import _native, reference
+
+DEFAULT_OPTIONS = {"lr": 0.01, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4}
+
+
+def resnet50_shapes():
+    """The parameter shapes of torchvision's ResNet-50: 161 tensors, 25,557,032 elements."""
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    inplanes = 64
+    for planes, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for block in range(blocks):
+            shapes += [(planes, inplanes, 1, 1), (planes,), (planes,),
+                       (planes, planes, 3, 3), (planes,), (planes,),
+                       (planes * 4, planes, 1, 1), (planes * 4,), (planes * 4,)]
+            if block == 0:  # the downsampling shortcut
+                shapes += [(planes * 4, inplanes, 1, 1), (planes * 4,), (planes * 4,)]
+            inplanes = planes * 4
+    return shapes + [(1000, 2048), (1000,)]
+
+
+@dataclass
+class Workload:
+    name: str
+    description: str
+    shapes: list
+    dtype: type = np.float32
+    options: dict = field(default_factory=lambda: dict(DEFAULT_OPTIONS))
+
+    @property
+    def elements(self):
+        return sum(math.prod(s) for s in self.shapes)
+
+    @property
+    def bytes_per_step(self):
+        """Reads of param, grad and buffer, writes of param and buffer."""
+        per_element = 5 if self.options["momentum"] else 3
+        return self.elements * np.dtype(self.dtype).itemsize * per_element
+
+
+WORKLOADS = [
+    Workload("W1", "ResNet-50 shapes, f32", resnet50_shapes()),
+    Workload("W2", "5,000 tensors x 256, f32", [(256,)] * 5000),
+    Workload("W3", "one tensor of 50M, f32", [(50_000_000,)]),
+    Workload("W4", "one tensor of 100, f32", [(100,)]),
+    Workload("W5", "ResNet-50 shapes, f64", resnet50_shapes(), np.float64),
+    Workload("W6", "ResNet-50, plain momentum", resnet50_shapes(),
+             options={"lr": 0.01, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0}),
+]
+
+
+def _model(workload, seed=0):
+    rng = np.random.default_rng(seed)
+    values = [rng.standard_normal(s, dtype=np.float32).astype(workload.dtype) for s in workload.shapes]
+    grads = [rng.standard_normal(s, dtype=np.float32).astype(workload.dtype) for s in workload.shapes]
+    return values, grads
+
+
+# Each peer: setup(workload, threads) -> a callable running one step (after a
+# warm-up step, so momentum buffers exist), or None when it cannot run.
+
+def _fastsgd_step(workload, threads, optimizer_class=fastsgd.SGD):
+    fastsgd.set_num_threads(threads)
+    values, grads = _model(workload)
+    params = [fastsgd.Parameter(v) for v in values]
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt = optimizer_class(params, **workload.options)
+    opt.step()
+    return opt.step
+
+
+def _reference_step(workload, threads):
+    return _fastsgd_step(workload, 1, reference.SGD) if threads == 1 else None
+
+
+def _roofline_step(workload, threads):
+    fastsgd.set_num_threads(threads)
+    values, grads = _model(workload)
+    buffers = [np.zeros_like(v) for v in values] if workload.options["momentum"] else []
+    return _native.Roofline([fastsgd.Parameter(v) for v in values], grads, buffers)
+
+
+def _torch_step(mode):
+    def setup(workload, threads):
+        try:
+            import torch
+        except ImportError:
+            return None
+        torch.set_num_threads(threads)
+        values, grads = _model(workload)
+        params = [torch.nn.Parameter(torch.from_numpy(v)) for v in values]
+        for p, g in zip(params, grads):
+            p.grad = torch.from_numpy(g)
+        implementation = {mode: True} if mode else {"foreach": False}
+        opt = torch.optim.SGD(params, **workload.options, **implementation)
+        opt.step()
+        return opt.step
+    return setup
+
+
+PEERS = {
+    "fastsgd": _fastsgd_step,
+    "roofline": _roofline_step,
+    "torch for-loop": _torch_step(None),
+    "torch foreach": _torch_step("foreach"),
+    "torch fused": _torch_step("fused"),
+    "reference": _reference_step,
+}
+
+
+def measure(step, budget_s, min_reps=5, max_reps=200):
+    """Median seconds per call of step() over about budget_s."""
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    batch = max(1, int(1e-3 / max(first, 1e-9)))  # time at least 1 ms at once
+    reps = int(min(max_reps, max(min_reps, budget_s / max(first * batch, 1e-9))))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(batch):
+            step()
+        times.append((time.perf_counter() - start) / batch)
+    return statistics.median(times)
+
+
+def run(workloads=None, threads=(1, 2), peers=None, budget_s=0.5, progress=sys.stderr):
+    """Measure every (workload, peer, thread count); returns the result rows."""
+    workloads = [w for w in WORKLOADS if workloads is None or w.name in workloads]
+    peers = list(PEERS) if peers is None else peers
+    # torch's wheel ships a libgomp.so.1 that the process shares with
+    # fastsgd's; once torch has used it, idle threads park in a way that
+    # costs a later fastsgd step milliseconds to wake on a busy machine.  So
+    # fastsgd's own peers run first, torch's after (docs: README, Threads).
+    jobs = sorted(((w, p, t) for w in workloads for t in threads for p in peers),
+                  key=lambda job: job[1].startswith("torch"))
+    results = []
+    saved_threads = fastsgd.get_num_threads()
+    try:
+        for k, (workload, peer, t) in enumerate(jobs, 1):
+            step = PEERS[peer](workload, t)
+            if step is None:
+                continue
+            # The numpy reference takes seconds per step on large workloads.
+            seconds = measure(step, budget_s, min_reps=3 if peer == "reference" else 5)
+            del step
+            results.append({"workload": workload.name, "peer": peer, "threads": t,
+                            "seconds": seconds,
+                            "gb_per_s": workload.bytes_per_step / seconds / 1e9})
+            if progress:
+                print(f"[{k}/{len(jobs)}] {workload.name} {peer:<14} {t}T "
+                      f"{_format_time(seconds):>10}", file=progress, flush=True)
+    finally:
+        fastsgd.set_num_threads(saved_threads)
+    return results
+
+
+def _format_time(seconds):
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.2f} us"
+
+
+def table(results):
+    """The results as a markdown table: fastsgd's time, bandwidth and its
+    ratio to each peer (peer time / fastsgd time; > 1 means fastsgd is faster),
+    and the share of the roofline it reaches."""
+    by_key = {(r["workload"], r["peer"], r["threads"]): r["seconds"] for r in results}
+    peers = [p for p in PEERS if p not in ("fastsgd", "roofline")]
+    header = (["workload", "threads", "fastsgd", "GB/s", "% of roofline"]
+              + [f"x vs {p}" for p in peers])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    described = {w.name: w for w in WORKLOADS}
+    for r in results:
+        if r["peer"] != "fastsgd":
+            continue
+        w, t, mine = r["workload"], r["threads"], r["seconds"]
+        roof = by_key.get((w, "roofline", t))
+        cells = [f"{w} {described[w].description}", str(t), _format_time(mine),
+                 f"{r['gb_per_s']:.1f}", f"{100 * roof / mine:.0f}%" if roof else "-"]
+        for p in peers:
+            other = by_key.get((w, p, t)) or by_key.get((w, p, 1) if p == "reference" else None)
+            cells.append(f"{other / mine:.2f}" if other else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine():
+    info = {"python": sys.version.split()[0], "numpy": np.__version__,
+            "fastsgd": fastsgd.__version__, "kernel": fastsgd.cpu_capability(),
+            "openmp": fastsgd.has_openmp(), "machine": platform.machine(),
+            "processor": platform.processor()}
+    try:
+        import torch
+        info["torch"] = torch.__version__
+        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    except ImportError:
+        info["torch"] = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f
+                               if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+def main(workloads=None, threads=(1, 2), budget_s=0.5, json_path="fastsgd-bench.json"):
+    info = machine()
+    print(f"fastsgd bench: kernel {info['kernel']}, torch {info['torch'] or 'not installed'}, "
+          f"{info.get('cpu', info['machine'])}", flush=True)
+    if info["torch"] is None:
+        print("torch is not installed: the torch peers are skipped "
+              "(pip install 'fastsgd[bench]' to compare)", flush=True)
+    results = run(workloads, threads, budget_s=budget_s)
+    print()
+    print(table(results))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"machine": info, "results": results}, f, indent=1)
+        print(f"\nwrote {json_path}")
+    return 0
