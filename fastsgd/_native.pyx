@@ -16,6 +16,7 @@ import numpy as np
 cimport numpy as cnp
 from cpython.dict cimport PyDict_Check, PyDict_GetItem
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.long cimport PyLong_AsDouble
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
 from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
@@ -191,6 +192,8 @@ cdef double _real_option(dict options, str key, Py_ssize_t group_index) except? 
     value = _option(options, key, group_index)
     if type(value) is float:
         return <double>value
+    if type(value) is int:  # defaults such as dampening=0: no float object
+        return PyLong_AsDouble(value)
     try:
         return float(value)
     except (TypeError, ValueError):

@@ -128,48 +128,60 @@ PEERS = {
 }
 
 
-def measure(step, budget_s, min_reps=5, max_reps=200):
-    """Median seconds per call of step() over about budget_s."""
+def _calls_per_sample(step):
+    """Calls to time at once so that one sample lasts at least 1 ms."""
     start = time.perf_counter()
     step()
-    first = time.perf_counter() - start
-    batch = max(1, int(1e-3 / max(first, 1e-9)))  # time at least 1 ms at once
-    reps = int(min(max_reps, max(min_reps, budget_s / max(first * batch, 1e-9))))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(batch):
-            step()
-        times.append((time.perf_counter() - start) / batch)
-    return statistics.median(times)
+    return max(1, int(1e-3 / max(time.perf_counter() - start, 1e-9))), time.perf_counter() - start
+
+
+def measure_together(steps, budget_s, min_rounds=5, max_rounds=200):
+    """Median seconds per call of each step, sampled in turns.
+
+    The machine's speed drifts (other tenants, memory bandwidth, clocks), so
+    the peers are timed round-robin, one sample each per round, and every
+    ratio compares samples taken side by side."""
+    batches, firsts = zip(*(_calls_per_sample(step) for step in steps))
+    per_round = sum(b * f for b, f in zip(batches, firsts))
+    rounds = int(min(max_rounds, max(min_rounds, budget_s * len(steps) / max(per_round, 1e-9))))
+    samples = [[] for _ in steps]
+    for _ in range(rounds):
+        for step, batch, times in zip(steps, batches, samples):
+            start = time.perf_counter()
+            for _ in range(batch):
+                step()
+            times.append((time.perf_counter() - start) / batch)
+    return [statistics.median(times) for times in samples]
+
+
+# Takes seconds per step on the large workloads: a few samples, on its own.
+_SLOW_PEERS = ("reference",)
 
 
 def run(workloads=None, threads=(1, 2), peers=None, budget_s=0.5, progress=sys.stderr):
-    """Measure every (workload, peer, thread count); returns the result rows."""
+    """Measure every (workload, thread count, peer); returns the result rows."""
     workloads = [w for w in WORKLOADS if workloads is None or w.name in workloads]
     peers = list(PEERS) if peers is None else peers
-    # torch's wheel ships a libgomp.so.1 that the process shares with
-    # fastsgd's; once torch has used it, idle threads park in a way that
-    # costs a later fastsgd step milliseconds to wake on a busy machine.  So
-    # fastsgd's own peers run first, torch's after (docs: README, Threads).
-    jobs = sorted(((w, p, t) for w in workloads for t in threads for p in peers),
-                  key=lambda job: job[1].startswith("torch"))
+    groups = [(w, t) for w in workloads for t in threads]
     results = []
     saved_threads = fastsgd.get_num_threads()
     try:
-        for k, (workload, peer, t) in enumerate(jobs, 1):
-            step = PEERS[peer](workload, t)
-            if step is None:
-                continue
-            # The numpy reference takes seconds per step on large workloads.
-            seconds = measure(step, budget_s, min_reps=3 if peer == "reference" else 5)
-            del step
-            results.append({"workload": workload.name, "peer": peer, "threads": t,
-                            "seconds": seconds,
-                            "gb_per_s": workload.bytes_per_step / seconds / 1e9})
+        for k, (workload, t) in enumerate(groups, 1):
+            steps = {p: PEERS[p](workload, t) for p in peers}
+            steps = {p: s for p, s in steps.items() if s is not None}
+            together = [p for p in steps if p not in _SLOW_PEERS]
+            seconds = dict(zip(together, measure_together([steps[p] for p in together], budget_s)))
+            for p in steps:
+                if p in _SLOW_PEERS:
+                    seconds[p] = measure_together([steps[p]], budget_s, min_rounds=3)[0]
+            del steps
+            for p, sec in seconds.items():
+                results.append({"workload": workload.name, "peer": p, "threads": t,
+                                "seconds": sec, "gb_per_s": workload.bytes_per_step / sec / 1e9})
             if progress:
-                print(f"[{k}/{len(jobs)}] {workload.name} {peer:<14} {t}T "
-                      f"{_format_time(seconds):>10}", file=progress, flush=True)
+                summary = ", ".join(f"{p} {_format_time(sec)}" for p, sec in seconds.items())
+                print(f"[{k}/{len(groups)}] {workload.name} {t}T: {summary}", file=progress,
+                      flush=True)
     finally:
         fastsgd.set_num_threads(saved_threads)
     return results

@@ -155,24 +155,32 @@ def _with_step_hooks(step):
     @functools.wraps(step)
     def wrapper(*args, **kwargs):
         self = args[0]
-        for pre_hook in chain(_global_optimizer_pre_hooks.values(),
-                              self._optimizer_step_pre_hooks.values()):
-            result = pre_hook(self, args, kwargs)
-            if result is not None:
-                if isinstance(result, tuple) and len(result) == 2:
-                    args, kwargs = result
-                else:
-                    raise RuntimeError(
-                        f"{step} must return None or a tuple of (new_args, new_kwargs), "
-                        f"but got {result}.")
+        # Tested before looping: a step without hooks allocates nothing.
+        if _global_optimizer_pre_hooks or self._optimizer_step_pre_hooks:
+            args, kwargs = _run_pre_hooks(step, self, args, kwargs)
         out = step(*args, **kwargs)
-        for post_hook in chain(self._optimizer_step_post_hooks.values(),
-                               _global_optimizer_post_hooks.values()):
-            post_hook(self, args, kwargs)
+        if self._optimizer_step_post_hooks or _global_optimizer_post_hooks:
+            for hook in chain(list(self._optimizer_step_post_hooks.values()),
+                              list(_global_optimizer_post_hooks.values())):
+                hook(self, args, kwargs)
         return out
 
     wrapper.hooked = True
     return wrapper
+
+
+def _run_pre_hooks(step, optimizer, args, kwargs):
+    for hook in chain(list(_global_optimizer_pre_hooks.values()),
+                      list(optimizer._optimizer_step_pre_hooks.values())):
+        result = hook(optimizer, args, kwargs)
+        if result is not None:
+            if isinstance(result, tuple) and len(result) == 2:
+                args, kwargs = result
+            else:
+                raise RuntimeError(
+                    f"{step} must return None or a tuple of (new_args, new_kwargs), "
+                    f"but got {result}.")
+    return args, kwargs
 
 
 class Optimizer:

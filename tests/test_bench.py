@@ -24,7 +24,7 @@ def test_bench_command_prints_a_table_and_writes_json(tmp_path):
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "| W4 one tensor of 100, f32 | 1 |" in result.stdout
-    assert "[1/" in result.stderr  # progress
+    assert "[1/1] W4 1T: fastsgd" in result.stderr  # progress
     data = json.loads(out.read_text())
     peers = {r["peer"] for r in data["results"]}
     assert {"fastsgd", "roofline", "reference"} <= peers
