@@ -106,6 +106,9 @@ def main(argv=None):
     bench_cmd.add_argument("--workloads", nargs="+", metavar="W",
                            help="W1 ... W6 (default: all)")
     bench_cmd.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    bench_cmd.add_argument("--peers", nargs="+", metavar="PEER",
+                           help="fastsgd, roofline, 'torch for-loop', 'torch foreach', "
+                                "'torch fused', reference (default: all)")
     bench_cmd.add_argument("--budget", type=float, default=0.5,
                            help="seconds of timing per measurement (default 0.5)")
     bench_cmd.add_argument("--json", default="fastsgd-bench.json",
@@ -115,7 +118,7 @@ def main(argv=None):
         return check(steps=args.steps)
     from . import bench
 
-    return bench.main(args.workloads, tuple(args.threads), args.budget, args.json)
+    return bench.main(args.workloads, tuple(args.threads), args.budget, args.json, args.peers)
 
 
 if __name__ == "__main__":

@@ -75,42 +75,60 @@ def _model(workload, seed=0):
     return values, grads
 
 
-# Each peer: setup(workload, threads) -> a callable running one step (after a
-# warm-up step, so momentum buffers exist), or None when it cannot run.
+# Each peer: setup(workload, threads, model) -> a callable running one step
+# (after a warm-up step, so momentum buffers exist), or None when it cannot
+# run.  `model` holds the workload's values and grads; peers copy them, except
+# fastsgd and the roofline, which share one set of arrays so that the roofline
+# streams exactly the memory fastsgd steps, from the same cache state.
 
-def _fastsgd_step(workload, threads, optimizer_class=fastsgd.SGD):
+@dataclass
+class Model:
+    values: list
+    grads: list
+    fastsgd_optimizer: object = None
+
+
+def _fastsgd_step(workload, threads, model, optimizer_class=fastsgd.SGD):
     fastsgd.set_num_threads(threads)
-    values, grads = _model(workload)
-    params = [fastsgd.Parameter(v) for v in values]
-    for p, g in zip(params, grads):
+    params = [fastsgd.Parameter(v) for v in model.values]
+    for p, g in zip(params, model.grads):
         p.grad = g
     opt = optimizer_class(params, **workload.options)
     opt.step()
+    if optimizer_class is fastsgd.SGD:
+        model.fastsgd_optimizer = opt
     return opt.step
 
 
-def _reference_step(workload, threads):
-    return _fastsgd_step(workload, 1, reference.SGD) if threads == 1 else None
+def _reference_step(workload, threads, model):
+    if threads != 1:
+        return None
+    copied = Model([v.copy() for v in model.values], [g.copy() for g in model.grads])
+    return _fastsgd_step(workload, 1, copied, reference.SGD)
 
 
-def _roofline_step(workload, threads):
+def _roofline_step(workload, threads, model):
     fastsgd.set_num_threads(threads)
-    values, grads = _model(workload)
-    buffers = [np.zeros_like(v) for v in values] if workload.options["momentum"] else []
-    return _native.Roofline([fastsgd.Parameter(v) for v in values], grads, buffers)
+    opt = model.fastsgd_optimizer
+    if opt is not None:
+        params = opt.param_groups[0]["params"]
+        buffers = [opt.state[p]["momentum_buffer"] for p in params] if opt.state else []
+    else:
+        params = [fastsgd.Parameter(v) for v in model.values]
+        buffers = [np.zeros_like(v) for v in model.values] if workload.options["momentum"] else []
+    return _native.Roofline(params, model.grads, buffers)
 
 
 def _torch_step(mode):
-    def setup(workload, threads):
+    def setup(workload, threads, model):
         try:
             import torch
         except ImportError:
             return None
         torch.set_num_threads(threads)
-        values, grads = _model(workload)
-        params = [torch.nn.Parameter(torch.from_numpy(v)) for v in values]
-        for p, g in zip(params, grads):
-            p.grad = torch.from_numpy(g)
+        params = [torch.nn.Parameter(torch.from_numpy(v.copy())) for v in model.values]
+        for p, g in zip(params, model.grads):
+            p.grad = torch.from_numpy(g.copy())
         implementation = {mode: True} if mode else {"foreach": False}
         opt = torch.optim.SGD(params, **workload.options, **implementation)
         opt.step()
@@ -167,14 +185,15 @@ def run(workloads=None, threads=(1, 2), peers=None, budget_s=0.5, progress=sys.s
     saved_threads = fastsgd.get_num_threads()
     try:
         for k, (workload, t) in enumerate(groups, 1):
-            steps = {p: PEERS[p](workload, t) for p in peers}
+            model = Model(*_model(workload))
+            steps = {p: PEERS[p](workload, t, model) for p in peers}
             steps = {p: s for p, s in steps.items() if s is not None}
             together = [p for p in steps if p not in _SLOW_PEERS]
             seconds = dict(zip(together, measure_together([steps[p] for p in together], budget_s)))
             for p in steps:
                 if p in _SLOW_PEERS:
                     seconds[p] = measure_together([steps[p]], budget_s, min_rounds=3)[0]
-            del steps
+            del steps, model
             for p, sec in seconds.items():
                 results.append({"workload": workload.name, "peer": p, "threads": t,
                                 "seconds": sec, "gb_per_s": workload.bytes_per_step / sec / 1e9})
@@ -237,14 +256,15 @@ def machine():
     return info
 
 
-def main(workloads=None, threads=(1, 2), budget_s=0.5, json_path="fastsgd-bench.json"):
+def main(workloads=None, threads=(1, 2), budget_s=0.5, json_path="fastsgd-bench.json",
+         peers=None):
     info = machine()
     print(f"fastsgd bench: kernel {info['kernel']}, torch {info['torch'] or 'not installed'}, "
           f"{info.get('cpu', info['machine'])}", flush=True)
     if info["torch"] is None:
         print("torch is not installed: the torch peers are skipped "
               "(pip install 'fastsgd[bench]' to compare)", flush=True)
-    results = run(workloads, threads, budget_s=budget_s)
+    results = run(workloads, threads, peers, budget_s=budget_s)
     print()
     print(table(results))
     if json_path:
