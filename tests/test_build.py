@@ -6,12 +6,25 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def test_default_build_targets_no_particular_cpu():
     for name in ("setup.py", "pyproject.toml"):
         assert "-march=native" not in (ROOT / name).read_text()
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+@pytest.mark.parametrize("openmp", [[], ["-fopenmp"]], ids=["serial", "openmp"])
+def test_kernels_compile_without_a_warning(openmp):
+    sources = [str(ROOT / "csrc" / name) for name in ("sgd_impls.c", "driver.c")]
+    result = subprocess.run(
+        ["gcc", "-std=c11", "-O2", "-ffp-contract=off", *openmp, "-Wall", "-Wextra",
+         "-Wconversion", "-Wshadow", "-Wpedantic", "-Werror", "-fsyntax-only", *sources],
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_builds_and_steps_without_openmp(tmp_path):
