@@ -9,6 +9,7 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#include <pthread.h>
 #endif
 
 #define CACHE_LINE 64
@@ -17,6 +18,25 @@
  * thread: waking a second thread costs more than it saves.  The default is
  * measured by benchmarks/threshold.py. */
 static int64_t parallel_min_bytes_per_thread = (int64_t)1 << 18;
+
+#ifdef _OPENMP
+/* GNU OpenMP is not fork-safe: a child forked after the parent's thread pool
+ * started hangs in its first parallel region, waiting for threads that fork
+ * did not copy.  Such a child runs every call on its own thread. */
+static int pool_started = 0;
+static int forked_after_pool = 0;
+
+static void after_fork_in_child(void)
+{
+    if (pool_started)
+        forked_after_pool = 1;
+}
+
+__attribute__((constructor)) static void register_fork_handler(void)
+{
+    pthread_atfork(NULL, NULL, after_fork_in_child);
+}
+#endif
 
 typedef struct {
     int64_t tensor;
@@ -112,6 +132,7 @@ static void run(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
         return;
     }
 #ifdef _OPENMP
+    pool_started = 1;
 #pragma omp parallel num_threads((int)nthreads)
     {
         const int64_t k = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -152,7 +173,7 @@ int fastsgd_has_openmp(void)
 int fastsgd_get_num_threads(void)
 {
 #ifdef _OPENMP
-    return omp_get_max_threads();
+    return forked_after_pool ? 1 : omp_get_max_threads();
 #else
     return 1;
 #endif
