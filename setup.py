@@ -21,6 +21,10 @@ from setuptools.command.build_ext import build_ext
 # a compiler fusing the others would change the rounding away from torch's.
 BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c11"]
 OPENMP_FLAG = "-fopenmp"
+# FASTSGD_SANITIZE=1: AddressSanitizer + UndefinedBehaviorSanitizer, for the
+# command in the README's reliability section.  Any UB report is fatal.
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                  "-fno-omit-frame-pointer", "-g"]
 
 
 def compiler_has_openmp(compiler_cmd):
@@ -47,9 +51,11 @@ class BuildExt(build_ext):
             warnings.warn("fastsgd: building without OpenMP; steps will run on one thread")
             print("fastsgd: building without OpenMP; steps will run on one thread",
                   file=sys.stderr)
+        sanitize = SANITIZE_FLAGS if os.environ.get("FASTSGD_SANITIZE", "") not in ("", "0") else []
+        openmp = [OPENMP_FLAG] if use_openmp else []
         for ext in self.extensions:
-            ext.extra_compile_args = BASE_FLAGS + ([OPENMP_FLAG] if use_openmp else [])
-            ext.extra_link_args = [OPENMP_FLAG] if use_openmp else []
+            ext.extra_compile_args = BASE_FLAGS + openmp + sanitize
+            ext.extra_link_args = openmp + sanitize
         super().build_extensions()
 
 

@@ -1,0 +1,38 @@
+"""Runs every path of the native step (each kernel the CPU and valgrind run, both
+dtypes, first and later steps, missing grads, rejections, looked-up buffers,
+the functional API and the roofline) for the memory checkers in
+tests/test_memory_checkers.py."""
+import numpy as np
+import fastsgd
+from fastsgd import _native
+
+rng = np.random.default_rng(0)
+for cap in fastsgd.available_capabilities():
+    if cap == "avx512":
+        continue  # valgrind does not emulate AVX-512
+    fastsgd.set_cpu_capability(cap)
+    for dtype in (np.float32, np.float64):
+        params = [fastsgd.Parameter(rng.standard_normal(n).astype(dtype)) for n in (0, 1, 7, 17, 1000)]
+        params.append(fastsgd.Parameter(np.asfortranarray(rng.standard_normal((5, 3)).astype(dtype))))
+        params.append(fastsgd.Parameter(np.float64(1.5).astype(dtype).reshape(())))
+        for opts in (dict(momentum=0.9, nesterov=True, weight_decay=0.1), dict(momentum=0.9, dampening=0.2, maximize=True), dict()):
+            opt = fastsgd.SGD([{"params": params[:4]}, {"params": params[4:], "lr": 0.5}], lr=0.1, **opts)
+            for step in range(3):
+                for i, p in enumerate(params):
+                    p.grad = None if (i + step) % 4 == 0 else np.empty_like(p, subok=False)
+                    if p.grad is not None:
+                        p.grad[...] = rng.standard_normal(p.shape)
+                opt.step()
+            params[3].grad = np.zeros(18, dtype)
+            try:
+                opt.step()
+            except ValueError:
+                pass
+            opt.state[params[4]] = {"momentum_buffer": np.zeros(1000, dtype)}
+            params[3].grad = np.zeros(17, dtype)
+            opt.step()
+        bufs = [None] * len(params)
+        fastsgd.functional.sgd(params, [np.ones_like(p, subok=False) for p in params], bufs, weight_decay=0.0, momentum=0.5,
+                               lr=0.1, dampening=0.0, nesterov=False, maximize=False)
+        _native.Roofline(params, [np.ones_like(p, subok=False) for p in params], bufs)()
+print("memcheck drive done")
