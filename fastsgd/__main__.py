@@ -113,12 +113,15 @@ def main(argv=None):
                            help="seconds of timing per measurement (default 0.5)")
     bench_cmd.add_argument("--json", default="fastsgd-bench.json",
                            help="where to write the results ('' for nowhere)")
+    bench_cmd.add_argument("--png", help="also draw a chart there (needs matplotlib: "
+                                         "pip install 'fastsgd[plot]')")
     args = parser.parse_args(argv)
     if args.command == "check":
         return check(steps=args.steps)
     from . import bench
 
-    return bench.main(args.workloads, tuple(args.threads), args.budget, args.json, args.peers)
+    return bench.main(args.workloads, tuple(args.threads), args.budget, args.json, args.peers,
+                      args.png)
 
 
 if __name__ == "__main__":

@@ -236,6 +236,37 @@ def table(results):
     return "\n".join(lines)
 
 
+def plot(results, path):
+    """A PNG of each peer's time per step (log scale) and share of the
+    roofline, per workload and thread count.  Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = sorted({(r["workload"], r["threads"]) for r in results})
+    peers = [p for p in PEERS if any(r["peer"] == p for r in results)]
+    seconds = {(r["workload"], r["threads"], r["peer"]): r["seconds"] for r in results}
+    fig, (ax_time, ax_roof) = plt.subplots(2, 1, figsize=(max(8, 1.3 * len(cases)), 8))
+    width = 0.8 / len(peers)
+    positions = np.arange(len(cases))
+    for k, peer in enumerate(peers):
+        times = [seconds.get((w, t, peer), np.nan) for w, t in cases]
+        roof = [100 * seconds.get((w, t, "roofline"), np.nan) / s for (w, t), s in zip(cases, times)]
+        ax_time.bar(positions + k * width, times, width, label=peer)
+        ax_roof.bar(positions + k * width, roof, width, label=peer)
+    labels = [f"{w} {t}T" for w, t in cases]
+    ax_time.set(yscale="log", ylabel="seconds per step", title="time per step (lower is better)")
+    ax_roof.set(ylabel="% of roofline", title="share of the memory roofline (higher is better)")
+    ax_roof.axhline(100, color="black", linewidth=0.8)
+    for ax in (ax_time, ax_roof):
+        ax.set_xticks(positions + 0.4 - width / 2, labels)
+    fig.legend(*ax_time.get_legend_handles_labels(), loc="upper center", ncol=len(peers))
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def machine():
     info = {"python": sys.version.split()[0], "numpy": np.__version__,
             "fastsgd": fastsgd.__version__, "kernel": fastsgd.cpu_capability(),
@@ -257,7 +288,7 @@ def machine():
 
 
 def main(workloads=None, threads=(1, 2), budget_s=0.5, json_path="fastsgd-bench.json",
-         peers=None):
+         peers=None, png_path=None):
     info = machine()
     print(f"fastsgd bench: kernel {info['kernel']}, torch {info['torch'] or 'not installed'}, "
           f"{info.get('cpu', info['machine'])}", flush=True)
@@ -271,4 +302,7 @@ def main(workloads=None, threads=(1, 2), budget_s=0.5, json_path="fastsgd-bench.
         with open(json_path, "w") as f:
             json.dump({"machine": info, "results": results}, f, indent=1)
         print(f"\nwrote {json_path}")
+    if png_path:
+        plot(results, png_path)
+        print(f"wrote {png_path}")
     return 0

@@ -16,11 +16,11 @@ def test_resnet50_shapes_are_torchvisions():
     assert sum(int(np.prod(s)) for s in shapes) == 25_557_032
 
 
-def test_bench_command_prints_a_table_and_writes_json(tmp_path):
-    out = tmp_path / "bench.json"
+def test_bench_command_prints_a_table_and_writes_json_and_a_chart(tmp_path):
+    out, chart = tmp_path / "bench.json", tmp_path / "bench.png"
     result = subprocess.run(
         [sys.executable, "-m", "fastsgd", "bench", "--workloads", "W4", "--threads", "1",
-         "--budget", "0.02", "--json", str(out)],
+         "--budget", "0.02", "--json", str(out), "--png", str(chart)],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "| W4 one tensor of 100, f32 | 1 |" in result.stdout
@@ -30,6 +30,7 @@ def test_bench_command_prints_a_table_and_writes_json(tmp_path):
     assert {"fastsgd", "roofline", "reference"} <= peers
     assert all(r["seconds"] > 0 and r["gb_per_s"] > 0 for r in data["results"])
     assert data["machine"]["kernel"] == fastsgd.cpu_capability()
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_roofline_makes_the_same_traffic_as_a_step():
