@@ -9,7 +9,7 @@ to each other.  Steps use up to get_num_threads() OpenMP threads.
 """
 import os as _os
 
-from . import functional, reference
+from . import functional, lr_scheduler, reference
 from ._native import (
     available_capabilities,
     cpu_capability,
@@ -18,6 +18,7 @@ from ._native import (
     set_cpu_capability,
     set_num_threads,
 )
+from .checkpoint import CheckpointError, load, save
 from .optimizer import (
     Optimizer,
     register_optimizer_step_post_hook,
@@ -29,6 +30,7 @@ from .sgd import SGD
 
 __version__ = "0.1.0"
 __all__ = [
+    "CheckpointError",
     "Optimizer",
     "Parameter",
     "SGD",
@@ -37,10 +39,13 @@ __all__ = [
     "functional",
     "get_num_threads",
     "has_openmp",
+    "load",
+    "lr_scheduler",
     "reference",
     "register_optimizer_step_post_hook",
     "register_optimizer_step_pre_hook",
     "required",
+    "save",
     "set_cpu_capability",
     "set_num_threads",
 ]
