@@ -1,0 +1,434 @@
+"""Checkpoints that cannot be lost or abused: ``save(obj, path)`` and ``load(path)``.
+
+Lost: ``save`` writes a temporary file next to ``path``, fsyncs it, renames
+it onto ``path`` with ``os.replace`` and fsyncs the directory, so ``path``
+holds the old checkpoint or the new one, never a mix, even if the writer is
+killed or the machine loses power.  A killed writer can leave its temporary
+file behind, named ``.NAME.XXXXXXXX.tmp`` beside ``NAME``; ``load`` never
+reads it and ``save`` never reuses it, so it may be deleted whenever no
+``save`` is running.  The file is created as ``tempfile.mkstemp`` creates
+it: readable and writable by its owner only.  A symlink at ``path`` is
+replaced by the checkpoint, not followed.
+
+Abused: nothing is pickled.  Loading reads a JSON header and raw array
+bytes; it never imports or calls anything named by the file, checks every
+header field before it allocates, and allocates no more than the file's
+size for arrays.  Any file that is not a checkpoint this module wrote --
+truncated, damaged, forged, or another format such as a pickle -- raises
+``CheckpointError`` naming the path and what is wrong.  (The checksum finds
+damage, not forgery: a forged file with a matching checksum still loads
+only the values it spells out.  The header is checked before the checksum,
+which needs the arrays read, so damage there may be reported as a bad
+header rather than as a checksum mismatch.)
+
+What can be saved: ``None``, ``bool``, ``int``, ``float`` (nan and inf
+included), ``str``; ``list``, ``tuple`` (not their subclasses, such as
+namedtuples, which would come back as something else) and ``dict`` (keys
+``str`` or ``int``) of these, at most 100 levels deep; numpy arrays and
+numpy scalars of bool, integer, float or complex dtype, any shape and byte
+order; and ``fastsgd.Parameter``.  That covers every state_dict of
+``fastsgd.SGD``.  What comes back:
+
+- dicts come back as plain ``dict`` (a ``ParamState`` too) in their order;
+- arrays come back as new, writable, aligned ndarrays with the same dtype
+  (byte order included) and shape.  A Fortran-ordered array stays Fortran-
+  ordered; any other non-contiguous array is saved as a C-ordered copy.
+  Other ndarray subclasses (e.g. ``np.memmap``) come back as ndarrays;
+  masked arrays are refused, as saving them would drop the mask;
+- numpy scalars come back as numpy scalars of the same type;
+- a ``Parameter`` comes back as a ``Parameter`` with its values, without
+  ``.grad`` (as ``pickle`` and ``torch.save`` drop it) and without
+  attributes set on it;
+- an object that appears twice comes back as two independent copies.
+
+Anything else (object arrays, string arrays, sets, bytes, ...) raises
+``TypeError`` before the file is touched.
+
+File format, version 1 (all integers little-endian)::
+
+    offset  size  field
+    0       8     magic b"\\x89fastsgd"
+    8       4     format version, uint32 (1)
+    12      8     header length H, uint64
+    20      8     payload length P, uint64
+    28      H     header: UTF-8 JSON as Python's json module writes it
+                  (so NaN, Infinity and -Infinity stand for those floats)
+    28+H    P     payload: the raw bytes of every array, back to back
+    28+H+P  32    SHA-256 of all the bytes before it
+
+The header is ``{"arrays": [spec, ...], "root": node}``.  A spec is
+``{"dtype": dtype.str, "shape": [int, ...], "order": "C" or "F",
+"offset": int, "nbytes": int}``: the array's bytes sit at ``offset`` in
+the payload, in its memory order; each offset is the previous spec's
+offset + nbytes, the first is 0, and the last ends at P.  A node is one of
+
+- ``null``, ``true``, ``false``, a number or a string: itself;
+- ``[node, ...]``: a list;
+- ``{"tuple": [node, ...]}``: a tuple;
+- ``{"dict": [[key, node], ...]}``: a dict, key a string or an integer;
+- ``{"array": i}``, ``{"parameter": i}``, ``{"scalar": i}``: the i-th
+  array as an ndarray, a Parameter or a numpy scalar (a 0-d array).
+  Arrays are numbered in the order the nodes appear, depth first.
+"""
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import struct
+import sys
+import tempfile
+
+import numpy as np
+
+from .parameter import Parameter
+
+__all__ = ["CheckpointError", "load", "save"]
+
+MAGIC = b"\x89fastsgd"
+VERSION = 1
+_PREAMBLE = struct.Struct("<8sIQQ")  # magic, version, header length, payload length
+_DIGEST_SIZE = hashlib.sha256().digest_size
+_MAX_DEPTH = 100
+_MAX_DIMS = 64  # numpy's own limit on ndim
+_SPEC_KEYS = {"dtype", "shape", "order", "offset", "nbytes"}
+# Only byte order + kind (bool, signed, unsigned, float, complex) + size: a
+# string np.dtype() could read as objects, records or subarrays never passes.
+_DTYPE_PATTERN = re.compile(r"[<>|][biufc][0-9]{1,2}\Z")
+_ARRAY_TAGS = ("array", "parameter", "scalar")
+_PARAMETER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class CheckpointError(ValueError):
+    """A file that ``load`` cannot read as a checkpoint: not one, damaged or forged."""
+
+
+# ------------------------------------------------------------------ save
+
+def save(obj, path):
+    """Write ``obj`` to ``path`` (str or os.PathLike) as a checkpoint, atomically.
+
+    ``path`` keeps its old content until the new one is complete and on
+    disk.  Raises ``TypeError`` (or ``ValueError`` for nesting deeper than
+    100 levels, e.g. a cycle) for what cannot be saved, before touching any
+    file; see the module docstring for what can.
+    """
+    path = os.fsdecode(path)
+    encoder = _Encoder()
+    root = encoder.encode(obj, 0)
+    header = json.dumps({"arrays": encoder.specs, "root": root},
+                        separators=(",", ":")).encode()
+    _write_atomically(path, lambda file: _write_checkpoint(file, header, encoder.arrays))
+
+
+class _Encoder:
+    """Turns an object into a JSON node, collecting its arrays in order."""
+
+    def __init__(self):
+        self.arrays = []
+        self.specs = []
+
+    def encode(self, obj, depth):
+        if depth > _MAX_DEPTH:
+            raise ValueError(f"cannot save objects nested deeper than {_MAX_DEPTH} "
+                             "levels (is there a cycle?)")
+        # Parameter and numpy scalars first: they are also ndarrays / floats.
+        if isinstance(obj, Parameter):
+            if obj.dtype not in _PARAMETER_DTYPES:
+                raise TypeError(f"cannot save a Parameter of dtype {obj.dtype}")
+            return {"parameter": self._add_array(obj)}
+        if isinstance(obj, np.ndarray):
+            if isinstance(obj, np.ma.MaskedArray):
+                raise TypeError("cannot save a masked array: its mask would be lost")
+            return {"array": self._add_array(obj)}
+        if isinstance(obj, np.generic):
+            return {"scalar": self._add_array(np.asarray(obj))}
+        if obj is None or isinstance(obj, (bool, int, float, str)):
+            return obj
+        if type(obj) in (list, tuple):
+            nodes = [self.encode(item, depth + 1) for item in obj]
+            return nodes if type(obj) is list else {"tuple": nodes}
+        if isinstance(obj, dict):
+            return {"dict": [[_check_key(key), self.encode(value, depth + 1)]
+                             for key, value in obj.items()]}
+        raise TypeError(f"cannot save an object of type {type(obj).__name__}")
+
+    def _add_array(self, array):
+        if _parse_dtype(array.dtype.str) is None:
+            raise TypeError(f"cannot save numpy data of dtype {array.dtype}: only bool, "
+                            "integer, float and complex arrays are saved (no pickle)")
+        fortran = array.flags.f_contiguous and not array.flags.c_contiguous
+        if not (fortran or array.flags.c_contiguous):
+            array = np.ascontiguousarray(array)
+        offset = self.specs[-1]["offset"] + self.specs[-1]["nbytes"] if self.specs else 0
+        self.specs.append({"dtype": array.dtype.str, "shape": list(array.shape),
+                           "order": "F" if fortran else "C",
+                           "offset": offset, "nbytes": array.nbytes})
+        self.arrays.append(array.view(np.ndarray))
+        return len(self.arrays) - 1
+
+
+def _check_key(key):
+    # bool is an int, but JSON would bring it back as a bool key: refuse it.
+    if type(key) not in (str, int):
+        raise TypeError(f"cannot save a dict key of type {type(key).__name__}; "
+                        "keys must be str or int")
+    return key
+
+
+def _write_checkpoint(file, header, arrays):
+    digest = hashlib.sha256()
+
+    def put(data):
+        digest.update(data)
+        file.write(data)
+
+    put(_PREAMBLE.pack(MAGIC, VERSION, len(header), sum(a.nbytes for a in arrays)))
+    put(header)
+    for array in arrays:
+        put(_memory_bytes(array))
+    file.write(digest.digest())
+
+
+def _write_atomically(path, write):
+    """Call ``write(file)`` on a temporary file, then move it onto ``path``.
+
+    The fsync before the rename makes the data durable before the name
+    points at it; the fsync of the directory makes the rename durable.
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with open(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory):
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _memory_bytes(array):
+    """A C- or F-contiguous array's memory as a 1-d uint8 view, in memory order."""
+    if not array.flags.c_contiguous:
+        array = array.T  # F-contiguous, so its transpose is C-contiguous
+    return array.reshape(-1).view(np.uint8)
+
+
+# ------------------------------------------------------------------ load
+
+def load(path):
+    """Read the object saved at ``path`` (str or os.PathLike).
+
+    Raises ``CheckpointError`` (a ValueError) naming ``path`` if the file is
+    not an intact checkpoint, and OSError if it cannot be read at all.
+    """
+    path = os.fsdecode(path)
+    try:
+        with open(path, "rb") as file:
+            return _read_checkpoint(file)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+
+
+def _read_checkpoint(file):
+    reader = _HashingReader(file)
+    header_length, payload_length = _read_preamble(reader, os.fstat(file.fileno()).st_size)
+    header = _parse_header(reader.read(header_length))
+    specs = _check_specs(header["arrays"], payload_length)
+    arrays = [reader.read_array(*spec) for spec in specs]
+    if file.read(_DIGEST_SIZE) != reader.digest.digest():
+        raise CheckpointError("checksum mismatch: the file is damaged")
+    return _Decoder(arrays).decode_root(header["root"])
+
+
+class _HashingReader:
+    """Reads exactly the bytes asked for, hashing them."""
+
+    def __init__(self, file):
+        self.file = file
+        self.digest = hashlib.sha256()
+
+    def read(self, size):
+        data = self.file.read(size)
+        self._hash(data, len(data), size)
+        return data
+
+    def read_array(self, dtype, shape, order):
+        array = np.empty(shape, dtype, order=order)
+        view = _memory_bytes(array)
+        self._hash(view, self.file.readinto(view), view.size)
+        return array
+
+    def _hash(self, data, got, size):
+        # The sizes were checked against the file's: this file shrank meanwhile.
+        if got != size:
+            raise CheckpointError("truncated while being read")
+        self.digest.update(data)
+
+
+def _read_preamble(reader, file_size):
+    """(header length, payload length), once the file's size matches them."""
+    preamble = reader.read(min(file_size, _PREAMBLE.size))
+    magic = preamble[:len(MAGIC)]
+    if magic != MAGIC[:len(magic)]:
+        raise CheckpointError(f"not a fastsgd checkpoint: it starts with {magic!r}, "
+                              f"not {MAGIC!r}")
+    minimum = _PREAMBLE.size + _DIGEST_SIZE
+    if file_size < minimum:
+        raise CheckpointError(f"truncated: {file_size} bytes, a checkpoint has at "
+                              f"least {minimum}")
+    _, version, header_length, payload_length = _PREAMBLE.unpack(preamble)
+    if version != VERSION:
+        raise CheckpointError(f"format version {version}, but this fastsgd reads "
+                              f"version {VERSION} only")
+    expected = minimum + header_length + payload_length
+    if file_size != expected:
+        what = "truncated" if file_size < expected else "trailing bytes"
+        raise CheckpointError(f"{what}: {file_size} bytes, but its lengths say {expected}")
+    return header_length, payload_length
+
+
+def _parse_header(data):
+    try:
+        header = json.loads(data.decode(), object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"damaged header: {error}") from None
+    if not isinstance(header, dict) or header.keys() != {"arrays", "root"}:
+        raise CheckpointError("damaged header: not an object with 'arrays' and 'root'")
+    return header
+
+
+def _unique_keys(pairs):
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("a key appears twice in an object")
+    return result
+
+
+def _check_specs(specs, payload_length):
+    """Each array's (dtype, shape, order), once every field of every spec is valid."""
+    if not isinstance(specs, list):
+        raise CheckpointError("bad header: 'arrays' is not a list")
+    checked, offset = [], 0
+    for index, spec in enumerate(specs):
+        try:
+            checked.append(_check_spec(spec, offset))
+        except CheckpointError as error:
+            raise CheckpointError(f"bad header: array {index}: {error}") from None
+        offset += spec["nbytes"]
+    if offset != payload_length:
+        raise CheckpointError(f"bad header: the arrays take {offset} bytes, but the "
+                              f"payload is {payload_length}")
+    return checked
+
+
+def _check_spec(spec, offset):
+    if not isinstance(spec, dict) or spec.keys() != _SPEC_KEYS:
+        raise CheckpointError(f"not an object with the keys {sorted(_SPEC_KEYS)}")
+    dtype = _parse_dtype(spec["dtype"])
+    if dtype is None:
+        raise CheckpointError(f"bad dtype {spec['dtype']!r}")
+    shape = spec["shape"]
+    if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS
+            and all(_is_size(n) for n in shape)):
+        raise CheckpointError(f"bad shape {shape!r}")
+    if spec["order"] not in ("C", "F"):
+        raise CheckpointError(f"bad order {spec['order']!r}")
+    if spec["offset"] != offset or not _is_size(spec["offset"]):
+        raise CheckpointError(f"offset {spec['offset']!r}, but it must be {offset}")
+    # Exact Python ints: a huge shape cannot overflow into a small nbytes, and
+    # the nbytes of all arrays must add up to the payload, which fits the file.
+    nbytes = math.prod(shape) * dtype.itemsize
+    if spec["nbytes"] != nbytes or not _is_size(spec["nbytes"]):
+        raise CheckpointError(f"nbytes {spec['nbytes']!r}, but shape and dtype make {nbytes}")
+    # numpy's own limit, which only an empty array can reach here
+    if math.prod(n for n in shape if n) * dtype.itemsize > sys.maxsize:
+        raise CheckpointError(f"shape {shape!r} is too big for numpy")
+    return dtype, tuple(shape), spec["order"]
+
+
+def _is_size(value):
+    return type(value) is int and value >= 0
+
+
+def _parse_dtype(text):
+    """The numeric or bool dtype spelled ``text`` as ``dtype.str`` spells it, or None."""
+    if not (isinstance(text, str) and _DTYPE_PATTERN.match(text)):
+        return None
+    try:
+        dtype = np.dtype(text)
+    except TypeError:  # e.g. "<i3"
+        return None
+    return dtype if dtype.str == text else None
+
+
+class _Decoder:
+    """Turns a JSON node back into an object, taking the arrays in order."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+        self.used = 0
+
+    def decode_root(self, root):
+        obj = self.decode(root, 0)
+        if self.used != len(self.arrays):
+            raise CheckpointError(f"bad header: {len(self.arrays)} arrays, but the "
+                                  f"nodes use {self.used}")
+        return obj
+
+    def decode(self, node, depth):
+        if depth > _MAX_DEPTH:
+            raise CheckpointError(f"bad header: nested deeper than {_MAX_DEPTH} levels")
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        if isinstance(node, list):
+            return [self.decode(item, depth + 1) for item in node]
+        if not (isinstance(node, dict) and len(node) == 1):
+            raise CheckpointError(f"bad header: {_clip(node)} is not a node")
+        (tag, value), = node.items()
+        if tag == "tuple" and isinstance(value, list):
+            return tuple(self.decode(item, depth + 1) for item in value)
+        if tag == "dict" and isinstance(value, list):
+            return dict(self._decode_item(item, depth + 1) for item in value)
+        if tag in _ARRAY_TAGS:
+            return self._take_array(tag, value)
+        raise CheckpointError(f"bad header: {_clip(node)} is not a node")
+
+    def _decode_item(self, item, depth):
+        if not (isinstance(item, list) and len(item) == 2 and type(item[0]) in (str, int)):
+            raise CheckpointError(f"bad header: {_clip(item)} is not a [key, node] pair")
+        return item[0], self.decode(item[1], depth)
+
+    def _take_array(self, tag, index):
+        if index != self.used or type(index) is not int or index >= len(self.arrays):
+            raise CheckpointError(f"bad header: {tag} {_clip(index)} where array "
+                                  f"{self.used} of {len(self.arrays)} comes next")
+        array = self.arrays[index]
+        self.used += 1
+        if tag == "parameter":
+            if array.dtype not in _PARAMETER_DTYPES:
+                raise CheckpointError(f"bad header: a Parameter of dtype {array.dtype}")
+            return Parameter(array)
+        if tag == "scalar":
+            if array.ndim:
+                raise CheckpointError(f"bad header: a scalar of shape {array.shape}")
+            return array[()]
+        return array
+
+
+def _clip(node):
+    text = repr(node)
+    return text if len(text) <= 60 else text[:57] + "..."
