@@ -25,6 +25,7 @@ from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
 from cpython.ref cimport Py_XDECREF, Py_XINCREF
 from cpython.tuple cimport PyTuple_GET_ITEM
 from libc.stdint cimport int64_t, uint8_t
+from libc.string cimport memset
 
 from .optimizer import OptimizerState, ParamState
 from .parameter import Parameter
@@ -192,13 +193,28 @@ cdef double _real_option(dict options, str key, Py_ssize_t group_index) except? 
     value = _option(options, key, group_index)
     if type(value) is float:
         return <double>value
-    if type(value) is int:  # defaults such as dampening=0: no float object
-        return PyLong_AsDouble(value)
+    # float() also parses strings: "0.1" is no more a number here than in torch.
+    if not isinstance(value, (str, bytes, bytearray)):
+        try:
+            if type(value) is int:  # defaults such as dampening=0: no float object
+                return PyLong_AsDouble(value)
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+        except OverflowError:
+            raise ValueError(f"{_where_option(group_index, key)} is out of the range "
+                             f"of a float") from None
+    raise TypeError(f"{_where_option(group_index, key)} must be a real number, "
+                    f"but got {type(value).__name__}")
+
+
+cdef bint _flag_option(dict options, str key, Py_ssize_t group_index) except -1:
+    value = _option(options, key, group_index)
     try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{_where_option(group_index, key)} must be a real number, "
-                        f"but got {type(value).__name__}") from None
+        return bool(value)
+    except Exception:
+        raise TypeError(f"{_where_option(group_index, key)} must be a bool, but got "
+                        f"{type(value).__name__}") from None
 
 
 cdef int _check_float_array(object x, str what, Py_ssize_t group_index,
@@ -270,6 +286,7 @@ cdef extern from "numpy/ndarraytypes.h":
         char *data
         int nd
         cnp.npy_intp *dimensions
+        PyObject *base
         descr_fields *descr
         int flags
     enum: NPY_OPPBYTE  # the byte order char of a byte-swapped dtype
@@ -377,6 +394,11 @@ cdef class _Batch:
     cdef uint8_t *buf_is_new
     cdef int64_t *sizes
     cdef PyObject **held  # 2 per tensor: grad, buffer (or NULL)
+    # Per tensor, a grad that owns its memory and was found to share none
+    # with the group's parameters and buffers (address and data), valid
+    # while the owners checked against stay the same (owners_fills).
+    cdef void **clean_grads
+    cdef Py_ssize_t clean_fills
 
     def __dealloc__(self):
         self.clear()
@@ -386,6 +408,7 @@ cdef class _Batch:
         PyMem_Free(self.buf_is_new)
         PyMem_Free(self.sizes)
         PyMem_Free(self.held)
+        PyMem_Free(self.clean_grads)
 
     cdef int reserve(self, Py_ssize_t n) except -1:
         if n <= self.capacity:
@@ -396,6 +419,8 @@ cdef class _Batch:
         self.buf_is_new = <uint8_t *>_grow(self.buf_is_new, n * sizeof(uint8_t))
         self.sizes = <int64_t *>_grow(self.sizes, n * sizeof(int64_t))
         self.held = <PyObject **>_grow(self.held, 2 * n * sizeof(PyObject *))
+        self.clean_grads = <void **>_grow(self.clean_grads, 2 * n * sizeof(void *))
+        memset(self.clean_grads, 0, 2 * n * sizeof(void *))
         self.capacity = n
         return 0
 
@@ -419,6 +444,39 @@ cdef class _Batch:
         for i in range(2 * self.count):
             Py_XDECREF(self.held[i])
         self.count = 0
+
+    cdef bint grads_may_alias(self, _Owners owners, bint with_buffers,
+                              int64_t itemsize) noexcept:
+        """Whether a step of this batch on several threads could read a grad
+        that another tensor's step writes (a grad sharing memory with another
+        parameter or momentum buffer of the group).  Checked only when the
+        step would use several threads."""
+        cdef Py_ssize_t i
+        cdef int64_t total = 0
+        for i in range(self.count):
+            total += self.sizes[i]
+        # the driver's rule for using several threads (csrc/driver.c)
+        cdef int64_t nbytes = total * itemsize * (5 if with_buffers else 3)
+        if nbytes // fastsgd_get_parallel_min_bytes() < 2 or fastsgd_get_num_threads() < 2:
+            return False
+        if self.clean_fills != owners.fills:
+            memset(self.clean_grads, 0, 2 * self.capacity * sizeof(void *))
+            self.clean_fills = owners.fills
+        cdef array_ptr grad
+        for i in range(self.count):
+            grad = <array_ptr>self.held[2 * i]
+            if grad.data == self.params[i]:
+                continue  # its own parameter
+            if (self.clean_grads[2 * i] == <void *>grad
+                    and self.clean_grads[2 * i + 1] == <void *>grad.data
+                    and grad.base == NULL):
+                continue  # an owner then, it is not one of the owners now
+            if owners.has(_owner(<PyObject *>grad)):
+                return True
+            if grad.base == NULL:
+                self.clean_grads[2 * i] = <void *>grad
+                self.clean_grads[2 * i + 1] = <void *>grad.data
+        return False
 
     cdef fastsgd_tensor_list as_list(self, bint with_buffers) noexcept nogil:
         cdef fastsgd_tensor_list lst
@@ -447,6 +505,59 @@ def _any_overlap(arrays):
                    for a in arrays if isinstance(a, np.ndarray) and a.nbytes)
     return any(start + nbytes > next_start
                for (start, nbytes), (next_start, _) in zip(spans, spans[1:]))
+
+
+cdef inline void *_owner(PyObject *x) noexcept:
+    """The object at the end of x's chain of bases: two arrays can share
+    memory only if they have the same owner."""
+    while cnp.PyArray_Check(<object>x) and (<array_ptr>x).base != NULL:
+        x = (<array_ptr>x).base
+    return <void *>x
+
+
+cdef inline size_t _slot(void *owner, size_t mask) noexcept:
+    return ((<size_t>owner >> 4) * <size_t>11400714819323198485ULL >> 20) & mask
+
+
+cdef class _Owners:
+    """The owners of the memory of a group's parameters and momentum buffers,
+    as an open-addressing hash set of pointers (the arrays that hold them are
+    kept by the plan's cache)."""
+    cdef void **slots
+    cdef size_t mask
+    cdef Py_ssize_t fills  # how many times fill() ran
+
+    def __dealloc__(self):
+        PyMem_Free(self.slots)
+
+    cdef int fill(self, list arrays) except -1:
+        cdef size_t size = 1
+        while size < 2 * <size_t>len(arrays) + 2:
+            size <<= 1
+        self.slots = <void **>_grow(self.slots, size * sizeof(void *))
+        memset(self.slots, 0, size * sizeof(void *))
+        self.mask = size - 1
+        self.fills += 1
+        cdef size_t i
+        cdef void *owner
+        for a in arrays:
+            if isinstance(a, np.ndarray):
+                owner = _owner(<PyObject *>a)
+                i = _slot(owner, self.mask)
+                while self.slots[i] != NULL and self.slots[i] != owner:
+                    i = (i + 1) & self.mask
+                self.slots[i] = owner
+        return 0
+
+    cdef inline bint has(self, void *owner) noexcept:
+        if self.slots == NULL:
+            return False
+        cdef size_t i = _slot(owner, self.mask)
+        while self.slots[i] != NULL:
+            if self.slots[i] == owner:
+                return True
+            i = (i + 1) & self.mask
+        return False
 
 
 # In a plan's buffer cache: "this parameter's state is not a ParamState, so
@@ -479,10 +590,16 @@ cdef class _GroupPlan:
     cdef fastsgd_sgd_hyper hyper
     cdef bint with_momentum
     cdef bint serial  # some tensors share memory: step them in order, on one thread
+    cdef _Owners owners  # of the memory of the params and buffers serial was decided on
     cdef _Batch f32
     cdef _Batch f64
     cdef readonly list new_buffers
     """(position in params, array) of each momentum buffer this step creates."""
+    cdef dict earlier_buffers
+    """{parameter: buffer} created by the groups before this one in this step
+    (None if none): a parameter listed in several groups takes, as in torch,
+    the buffer its first group creates (torch refuses such groups only in
+    add_param_group)."""
 
     cdef object cached_params_list
     cdef tuple cached_params
@@ -494,6 +611,7 @@ cdef class _GroupPlan:
     def __cinit__(self):
         self.f32 = _Batch()
         self.f64 = _Batch()
+        self.owners = _Owners()
         self.new_buffers = []
 
     cdef int read_options(self, dict options, Py_ssize_t group_index) except -1:
@@ -501,8 +619,8 @@ cdef class _GroupPlan:
         self.hyper.momentum = _real_option(options, "momentum", group_index)
         self.hyper.dampening = _real_option(options, "dampening", group_index)
         self.hyper.weight_decay = _real_option(options, "weight_decay", group_index)
-        self.hyper.nesterov = bool(_option(options, "nesterov", group_index))
-        self.hyper.maximize = bool(_option(options, "maximize", group_index))
+        self.hyper.nesterov = _flag_option(options, "nesterov", group_index)
+        self.hyper.maximize = _flag_option(options, "maximize", group_index)
         self.with_momentum = self.hyper.momentum != 0.0
         return 0
 
@@ -521,6 +639,8 @@ cdef class _GroupPlan:
         cdef bint buf_is_new = False
         if not self.with_momentum:
             buf = None
+        elif buf is None and self.earlier_buffers is not None and param in self.earlier_buffers:
+            buf = self.earlier_buffers[param]  # an earlier group's run fills it first
         elif buf is None:
             if not _steps_as_is(<PyObject *>param, <PyObject *>grad, NULL):
                 _explain_rejection(param, grad, None, group_index, index)
@@ -564,6 +684,8 @@ cdef class _GroupPlan:
         if self.with_momentum:
             buffers = [None] * len(params)
             for i, p in enumerate(params):
+                if not isinstance(p, _PARAMETER):
+                    continue  # stage_slowly rejects it, by name
                 param_state = state.get(p)
                 if version is None or (param_state is not None and type(param_state) is not ParamState):
                     buffers[i] = _LOOK_UP
@@ -574,15 +696,16 @@ cdef class _GroupPlan:
         # overlaps do too.  A buffer looked up per step cannot be checked
         # here: the group then steps in order.
         looked_up = [b is _LOOK_UP for b in buffers]
-        self.serial = any(looked_up) or _any_overlap(
-            params + [b for b, dynamic in zip(buffers, looked_up) if not dynamic])
+        arrays = params + [b for b, dynamic in zip(buffers, looked_up) if not dynamic]
+        self.serial = any(looked_up) or _any_overlap(arrays)
+        self.owners.fill(arrays)
         return 0
 
     cdef int prepare_group(self, dict group, object state, object version,
                            Py_ssize_t group_index) except -1:
         """Stage the group's step from the optimizer's param_groups and state."""
         self.read_options(group, group_index)
-        if _option(group, "differentiable", group_index):
+        if _flag_option(group, "differentiable", group_index):
             raise RuntimeError(_NO_AUTOGRAD)
         params = _option(group, "params", group_index)
         if type(params) is not list:
@@ -640,7 +763,9 @@ cdef class _GroupPlan:
             raise ValueError(f"got {n} params, {len(grads)} grads and {len(buffers)} "
                              f"momentum buffers")
         self.reset(n)
-        self.serial = _any_overlap(params + [b for b in buffers if b is not None])
+        arrays = params + [b for b in buffers if b is not None]
+        self.serial = _any_overlap(arrays)
+        self.owners.fill(arrays)
         for i in range(n):
             if grads[i] is not None:
                 self.stage(i, params[i], grads[i],
@@ -653,17 +778,24 @@ cdef class _GroupPlan:
         cdef fastsgd_tensor_list f32 = self.f32.as_list(self.with_momentum)
         cdef fastsgd_tensor_list f64 = self.f64.as_list(self.with_momentum)
         _native_calls += (f32.ntensors > 0) + (f64.ntensors > 0)
+        # A grad that is another tensor's parameter or buffer must be read
+        # after (or before) that tensor's update, in order, as torch does.
+        # (The roofline only measures: it runs as it finds its arrays.)
+        cdef bint serial32 = self.serial or (not roofline and f32.ntensors > 0 and
+            self.f32.grads_may_alias(self.owners, self.with_momentum, 4))
+        cdef bint serial64 = self.serial or (not roofline and f64.ntensors > 0 and
+            self.f64.grads_may_alias(self.owners, self.with_momentum, 8))
         with nogil:
             if f32.ntensors:
                 if roofline:
-                    fastsgd_stream(impl, FASTSGD_F32, &f32, self.serial)
+                    fastsgd_stream(impl, FASTSGD_F32, &f32, serial32)
                 else:
-                    fastsgd_sgd(impl, FASTSGD_F32, &self.hyper, &f32, self.serial)
+                    fastsgd_sgd(impl, FASTSGD_F32, &self.hyper, &f32, serial32)
             if f64.ntensors:
                 if roofline:
-                    fastsgd_stream(impl, FASTSGD_F64, &f64, self.serial)
+                    fastsgd_stream(impl, FASTSGD_F64, &f64, serial64)
                 else:
-                    fastsgd_sgd(impl, FASTSGD_F64, &self.hyper, &f64, self.serial)
+                    fastsgd_sgd(impl, FASTSGD_F64, &self.hyper, &f64, serial64)
 
     cdef int commit(self, object state) except -1:
         """Store the buffers this step created and let go of the arrays."""
@@ -726,16 +858,27 @@ cdef class SGDStepper:
         if len(self.plans) > n:
             del self.plans[n:]
         version = OptimizerState.version if type(state) is OptimizerState else None
+        cdef dict created = None  # buffers created by the groups staged so far
+        cdef _GroupPlan plan
         try:
             for g in range(n):
                 group = param_groups[g]
                 if not PyDict_Check(group):
                     raise TypeError(f"param_groups[{g}] must be a dict, but got "
                                     f"{type(group).__name__}")
-                (<_GroupPlan>self.plans[g]).prepare_group(group, state, version, g)
+                plan = <_GroupPlan>self.plans[g]
+                plan.earlier_buffers = created
+                plan.prepare_group(group, state, version, g)
+                plan.earlier_buffers = None
+                if plan.new_buffers:
+                    if created is None:
+                        created = {}
+                    for i, buf in plan.new_buffers:
+                        created[plan.cached_params[i]] = buf
         except BaseException:
             for plan in self.plans:
-                (<_GroupPlan>plan).reset(0)
+                plan.earlier_buffers = None
+                plan.reset(0)
             raise
         return 0
 
