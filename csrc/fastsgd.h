@@ -10,7 +10,11 @@
 #include <stdint.h>
 
 typedef struct {
-    double lr;
+    /* -lr, computed by the caller as torch's Python computes `alpha=-lr`:
+     * a negation the kernel could see would let the compiler turn
+     * fma(d, -lr, p) into a negated multiply-add, which gives NaN lrs the
+     * opposite sign in the scalar remainder than in the vector body. */
+    double neg_lr;
     double momentum;
     double dampening;
     double weight_decay;

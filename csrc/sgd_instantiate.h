@@ -9,21 +9,25 @@
 #define SGD_TARGET IMPL_TARGET
 
 #define SGD_T float
+#define SGD_UINT uint32_t
 #define SGD_FN IMPL_CAT(sgd_f32_, IMPL_NAME)
 #define STREAM_FN IMPL_CAT(stream_f32_, IMPL_NAME)
 #define SGD_MADD IMPL_MADD_F32
 #include "sgd_loop.h"
 #undef SGD_T
+#undef SGD_UINT
 #undef SGD_FN
 #undef STREAM_FN
 #undef SGD_MADD
 
 #define SGD_T double
+#define SGD_UINT uint64_t
 #define SGD_FN IMPL_CAT(sgd_f64_, IMPL_NAME)
 #define STREAM_FN IMPL_CAT(stream_f64_, IMPL_NAME)
 #define SGD_MADD IMPL_MADD_F64
 #include "sgd_loop.h"
 #undef SGD_T
+#undef SGD_UINT
 #undef SGD_FN
 #undef STREAM_FN
 #undef SGD_MADD

@@ -1,6 +1,7 @@
 /* The SGD element loop, written once and instantiated per dtype, rounding and
  * instruction set.  Before including, define:
  *   SGD_T         element type (float or double)
+ *   SGD_UINT      the unsigned integer type of the same size
  *   SGD_FN        name of the range function to define
  *   STREAM_FN     name of the roofline range function to define
  *   SGD_MADD(a, b, c)  c + a * b, rounded the way the instantiation wants
@@ -13,7 +14,7 @@
  *   b = d.clone()                                 first step
  *   b = b.mul_(m).add_(d, alpha=1 - dampening)    later steps
  *   d = nesterov ? d.add(b, alpha=m) : b          if m != 0
- *   p = p.add_(d, alpha=-lr)
+ *   p = p.add_(d, alpha=-lr)                      (-lr from the caller)
  * Hyperparameters are rounded to the element type first, as ATen does with
  * a Scalar alpha; "!= 0" tests use the double value, as torch's Python does.
  * The compiler vectorises the loop; its scalar remainder runs the same
@@ -21,6 +22,20 @@
 
 #define SGD_CAT_(a, b) a##b
 #define SGD_FN_CAT(a, b) SGD_CAT_(a, b)
+
+/* -x as torch's neg kernel computes it: the sign bit flipped, a NaN's too.
+ * Written on the bits so that the compiler cannot fold it into a following
+ * multiply-add as fmsub/fnmadd, which would propagate a NaN grad with the
+ * other sign than torch's. */
+static inline __attribute__((always_inline)) SGD_TARGET SGD_T
+SGD_FN_CAT(SGD_FN, _negate)(SGD_T x)
+{
+    SGD_UINT bits;
+    memcpy(&bits, &x, sizeof bits);
+    bits ^= (SGD_UINT)1 << (8 * sizeof bits - 1);
+    memcpy(&x, &bits, sizeof bits);
+    return x;
+}
 
 static inline __attribute__((always_inline)) SGD_TARGET void
 SGD_FN_CAT(SGD_FN, _body)(SGD_T *restrict p, const SGD_T *restrict g,
@@ -30,7 +45,7 @@ SGD_FN_CAT(SGD_FN, _body)(SGD_T *restrict p, const SGD_T *restrict g,
                           SGD_T m, SGD_T one_minus_dampening, SGD_T neg_lr)
 {
     for (int64_t i = 0; i < n; i++) {
-        SGD_T d = maximize ? -g[i] : g[i];
+        SGD_T d = maximize ? SGD_FN_CAT(SGD_FN, _negate)(g[i]) : g[i];
         if (use_wd)
             d = SGD_MADD(p[i], wd, d);
         if (use_momentum) {
@@ -61,7 +76,7 @@ SGD_TARGET static void SGD_FN(const fastsgd_sgd_hyper *h, void *p_, const void *
     const SGD_T wd = (SGD_T)h->weight_decay;
     const SGD_T m = (SGD_T)h->momentum;
     const SGD_T omd = (SGD_T)(1.0 - h->dampening);
-    const SGD_T neg_lr = (SGD_T)(-h->lr);
+    const SGD_T neg_lr = (SGD_T)h->neg_lr;
     const int use_wd = h->weight_decay != 0.0;
     const int nesterov = h->nesterov != 0;
     /* maximize only flips a sign: it stays a runtime flag, hoisted out of

@@ -35,7 +35,7 @@ cnp.import_array()
 
 cdef extern from "fastsgd.h" nogil:
     ctypedef struct fastsgd_sgd_hyper:
-        double lr
+        double neg_lr
         double momentum
         double dampening
         double weight_decay
@@ -615,7 +615,7 @@ cdef class _GroupPlan:
         self.new_buffers = []
 
     cdef int read_options(self, dict options, Py_ssize_t group_index) except -1:
-        self.hyper.lr = _real_option(options, "lr", group_index)
+        self.hyper.neg_lr = -_real_option(options, "lr", group_index)
         self.hyper.momentum = _real_option(options, "momentum", group_index)
         self.hyper.dampening = _real_option(options, "dampening", group_index)
         self.hyper.weight_decay = _real_option(options, "weight_decay", group_index)
