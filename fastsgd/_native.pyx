@@ -706,7 +706,7 @@ cdef class _GroupPlan:
         """Stage the group's step from the optimizer's param_groups and state."""
         self.read_options(group, group_index)
         if _flag_option(group, "differentiable", group_index):
-            raise RuntimeError(_NO_AUTOGRAD)
+            raise RuntimeError(NO_AUTOGRAD)
         params = _option(group, "params", group_index)
         if type(params) is not list:
             params = list(params)
@@ -807,7 +807,7 @@ cdef class _GroupPlan:
         return 0
 
 
-_NO_AUTOGRAD = "fastsgd has no autograd: differentiable=True is not supported"
+NO_AUTOGRAD = "fastsgd has no autograd: differentiable=True is not supported"
 
 
 cdef class SGDStepper:

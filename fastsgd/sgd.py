@@ -1,7 +1,7 @@
 """fastsgd.SGD: torch.optim.SGD's interface, stepped by the native kernel."""
 import numpy as np
 
-from ._native import SGDStepper
+from ._native import NO_AUTOGRAD, SGDStepper
 from .optimizer import Optimizer
 
 __all__ = ["SGD"]
@@ -71,7 +71,7 @@ class SGD(Optimizer):
             if foreach:
                 raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         if differentiable:
-            raise RuntimeError(_NO_AUTOGRAD)
+            raise RuntimeError(NO_AUTOGRAD)
         self._stepper = SGDStepper()
 
     def __setstate__(self, state):
@@ -98,5 +98,3 @@ class SGD(Optimizer):
         self._stepper.step(self.param_groups, self.state)
         return loss
 
-
-_NO_AUTOGRAD = "fastsgd has no autograd: differentiable=True is not supported"

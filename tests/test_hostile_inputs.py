@@ -49,6 +49,13 @@ def arr(shape, dtype, order="C"):
     return np.asarray(rng.standard_normal(shape), dtype=dtype, order=order)
 
 
+def use_two_threads():
+    """Step on 2 threads whatever the size, so that a race would show."""
+    from fastsgd import _native
+    fastsgd.set_num_threads(2)
+    _native.parallel_threshold(1024)
+
+
 def new_grads(params):
     for p in params:
         p.grad = arr(p.shape, p.dtype, "F" if p.flags.f_contiguous and p.ndim > 1 else "C")
@@ -595,9 +602,7 @@ XFAIL["params_of_two_dtypes_share_memory_like_torch"] = (
     "two dtypes share memory, the order differs from the group's (torch's)")
 add("grad_is_another_param_large_two_threads_like_torch", """
     import torch
-    from fastsgd import _native
-    fastsgd.set_num_threads(2)
-    _native.parallel_threshold(1024)
+    use_two_threads()
     n = 1 << 20
     a, b = Parameter(arr(n, np.float32)), Parameter(arr(n, np.float32))
     o = fastsgd.SGD([a, b], lr=0.5, momentum=0.9)
@@ -615,9 +620,7 @@ add("grad_is_another_param_large_two_threads_like_torch", """
 # failed most runs).
 add("grad_is_another_params_buffer_large_two_threads_like_torch", """
     import torch
-    from fastsgd import _native
-    fastsgd.set_num_threads(2)
-    _native.parallel_threshold(1024)
+    use_two_threads()
     n = 1 << 19
     a, b = Parameter(arr(n, np.float64)), Parameter(arr(n, np.float64))
     o = fastsgd.SGD([a, b], lr=0.5, momentum=0.9)
@@ -634,9 +637,7 @@ add("grad_is_another_params_buffer_large_two_threads_like_torch", """
 """)
 add("functional_grad_is_another_param_large_two_threads_like_torch", """
     import torch
-    from fastsgd import _native
-    fastsgd.set_num_threads(2)
-    _native.parallel_threshold(1024)
+    use_two_threads()
     n = 1 << 20
     a, b = Parameter(arr(n, np.float32)), Parameter(arr(n, np.float32))
     from torch.optim.sgd import sgd as torch_sgd
@@ -653,9 +654,7 @@ add("functional_grad_is_another_param_large_two_threads_like_torch", """
 """)
 add("grad_becomes_a_params_memory_large_two_threads_like_torch", """
     import torch
-    from fastsgd import _native
-    fastsgd.set_num_threads(2)
-    _native.parallel_threshold(1024)
+    use_two_threads()
     n = 1 << 20
     a = Parameter(arr(n, np.float32))
     g = arr(n, np.float32)
@@ -680,9 +679,7 @@ add("grad_becomes_a_params_memory_large_two_threads_like_torch", """
 """)
 add("grad_is_its_param_large_two_threads_like_torch", """
     import torch
-    from fastsgd import _native
-    fastsgd.set_num_threads(2)
-    _native.parallel_threshold(1024)
+    use_two_threads()
     block = arr(3 << 18, np.float32)
     ps = [Parameter(block[k << 18:(k + 1) << 18]) for k in range(3)]   # views of one block
     o = fastsgd.SGD(ps, lr=0.25, momentum=0.9, weight_decay=0.1)
