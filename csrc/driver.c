@@ -154,6 +154,27 @@ void fastsgd_stream(const fastsgd_impl *impl, int dtype, const fastsgd_tensor_li
     run(impl, dtype, NULL, list, serial);
 }
 
+void fastsgd_norms(const fastsgd_impl *impl, int dtype, int64_t ntensors,
+                   const void *const *arrays, const int64_t *sizes, double p, double *norms)
+{
+    for (int64_t t = 0; t < ntensors; t++)
+        norms[t] = impl->norm[dtype](arrays[t], sizes[t], p);
+}
+
+void fastsgd_scale(const fastsgd_impl *impl, int dtype, int64_t ntensors, void *const *arrays,
+                   const int64_t *sizes, double coef)
+{
+    for (int64_t t = 0; t < ntensors; t++)
+        impl->scale[dtype](arrays[t], sizes[t], coef);
+}
+
+void fastsgd_clamp(const fastsgd_impl *impl, int dtype, int64_t ntensors, void *const *arrays,
+                   const int64_t *sizes, double lo, double hi)
+{
+    for (int64_t t = 0; t < ntensors; t++)
+        impl->clamp[dtype](arrays[t], sizes[t], lo, hi);
+}
+
 int64_t fastsgd_get_parallel_min_bytes(void) { return parallel_min_bytes_per_thread; }
 
 void fastsgd_set_parallel_min_bytes(int64_t bytes)

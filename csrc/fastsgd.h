@@ -45,11 +45,21 @@ typedef void (*fastsgd_sgd_range_fn)(const fastsgd_sgd_hyper *h, void *p, const 
  * next to no arithmetic. */
 typedef void (*fastsgd_stream_range_fn)(void *p, const void *g, void *b, int64_t n);
 
+/* Gradient clipping over one array of n elements: its p-norm (accumulated
+ * in double, in a fixed order: see clip_loop.h), g *= coef, and
+ * g = clamp(g, lo, hi), each with the coefficients rounded to the dtype. */
+typedef double (*fastsgd_norm_fn)(const void *g, int64_t n, double p);
+typedef void (*fastsgd_scale_fn)(void *g, int64_t n, double coef);
+typedef void (*fastsgd_clamp_fn)(void *g, int64_t n, double lo, double hi);
+
 /* One implementation: an instruction set and its rounding, per dtype. */
 typedef struct {
     const char *name;
     fastsgd_sgd_range_fn sgd[2];
     fastsgd_stream_range_fn stream[2];
+    fastsgd_norm_fn norm[2];
+    fastsgd_scale_fn scale[2];
+    fastsgd_clamp_fn clamp[2];
 } fastsgd_impl;
 
 /* The implementation called `name`, or NULL if this build or this CPU lacks
@@ -73,6 +83,15 @@ void fastsgd_sgd(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h
 /* The roofline loop over `list`, split over threads exactly as fastsgd_sgd. */
 void fastsgd_stream(const fastsgd_impl *impl, int dtype, const fastsgd_tensor_list *list,
                     int serial);
+
+/* The clipping loops over `ntensors` arrays of one dtype, one call for all:
+ * norms[t] receives the p-norm of arrays[t]. */
+void fastsgd_norms(const fastsgd_impl *impl, int dtype, int64_t ntensors,
+                   const void *const *arrays, const int64_t *sizes, double p, double *norms);
+void fastsgd_scale(const fastsgd_impl *impl, int dtype, int64_t ntensors, void *const *arrays,
+                   const int64_t *sizes, double coef);
+void fastsgd_clamp(const fastsgd_impl *impl, int dtype, int64_t ntensors, void *const *arrays,
+                   const int64_t *sizes, double lo, double hi);
 
 /* Threads a call may use (OpenMP's max threads, honouring OMP_NUM_THREADS);
  * 1 in a build without OpenMP. */

@@ -19,6 +19,7 @@ from ._native import (
     set_num_threads,
 )
 from .checkpoint import CheckpointError, load, save
+from .clip_grad import clip_grad_norm_, clip_grad_value_
 from .optimizer import (
     Optimizer,
     register_optimizer_step_post_hook,
@@ -35,6 +36,8 @@ __all__ = [
     "Parameter",
     "SGD",
     "available_capabilities",
+    "clip_grad_norm_",
+    "clip_grad_value_",
     "cpu_capability",
     "functional",
     "get_num_threads",

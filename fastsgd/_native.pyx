@@ -64,6 +64,12 @@ cdef extern from "fastsgd.h" nogil:
                      const fastsgd_tensor_list *list, int serial)
     void fastsgd_stream(const fastsgd_impl *impl, int dtype, const fastsgd_tensor_list *list,
                         int serial)
+    void fastsgd_norms(const fastsgd_impl *impl, int dtype, int64_t ntensors,
+                       void **arrays, const int64_t *sizes, double p, double *norms)
+    void fastsgd_scale(const fastsgd_impl *impl, int dtype, int64_t ntensors, void **arrays,
+                       const int64_t *sizes, double coef)
+    void fastsgd_clamp(const fastsgd_impl *impl, int dtype, int64_t ntensors, void **arrays,
+                       const int64_t *sizes, double lo, double hi)
     int fastsgd_get_num_threads()
     void fastsgd_set_num_threads(int n)
     int fastsgd_has_openmp()
@@ -914,3 +920,72 @@ cdef class Roofline:
 
     def __call__(self):
         self.plan.run(True)
+
+
+# ------------------------------------------------------------ grad clipping
+
+cdef class _GradLists:
+    """The grads of a clipping call as pointer lists per dtype (a _Batch
+    each, which also holds every array while the GIL is released), and where
+    each came from in the caller's list."""
+    cdef _Batch f32
+    cdef _Batch f64
+    cdef list positions32
+    cdef list positions64
+
+    def __cinit__(self, list grads, list positions, bint writable):
+        self.f32, self.f64 = _Batch(), _Batch()
+        self.positions32, self.positions64 = [], []
+        self.f32.reserve(len(grads))
+        self.f64.reserve(len(grads))
+        cdef Py_ssize_t i
+        for i in range(len(grads)):
+            grad, where = grads[i], positions[i]
+            _check_float_array(grad, "grad", -1, where, writable)
+            if not (cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>grad)
+                    or cnp.PyArray_IS_F_CONTIGUOUS(<cnp.ndarray>grad)):
+                raise ValueError(f"{_where(-1, where)}: grad must be contiguous "
+                                 f"(C or Fortran order)")
+            if cnp.PyArray_TYPE(<cnp.ndarray>grad) == cnp.NPY_FLOAT32:
+                self.f32.add(<PyObject *>grad, <PyObject *>grad, NULL, False)
+                self.positions32.append(i)
+            else:
+                self.f64.add(<PyObject *>grad, <PyObject *>grad, NULL, False)
+                self.positions64.append(i)
+
+
+def grad_norms(list grads, list positions, double p):
+    """The p-norm of each grad, in double (positions name them in errors)."""
+    cdef _GradLists lists = _GradLists(grads, positions, False)
+    cdef cnp.ndarray[double] norms32 = np.empty(lists.f32.count)
+    cdef cnp.ndarray[double] norms64 = np.empty(lists.f64.count)
+    cdef const fastsgd_impl *impl = _impl
+    with nogil:
+        fastsgd_norms(impl, FASTSGD_F32, lists.f32.count, lists.f32.params, lists.f32.sizes,
+                      p, <double *>cnp.PyArray_DATA(norms32))
+        fastsgd_norms(impl, FASTSGD_F64, lists.f64.count, lists.f64.params, lists.f64.sizes,
+                      p, <double *>cnp.PyArray_DATA(norms64))
+    norms = np.empty(len(grads))
+    norms[lists.positions32] = norms32
+    norms[lists.positions64] = norms64
+    return norms
+
+
+def scale_grads(list grads, list positions, double coef):
+    """grad *= coef for every grad, coef rounded to each grad's dtype."""
+    cdef _GradLists lists = _GradLists(grads, positions, True)
+    cdef const fastsgd_impl *impl = _impl
+    with nogil:
+        fastsgd_scale(impl, FASTSGD_F32, lists.f32.count, lists.f32.params, lists.f32.sizes, coef)
+        fastsgd_scale(impl, FASTSGD_F64, lists.f64.count, lists.f64.params, lists.f64.sizes, coef)
+
+
+def clamp_grads(list grads, list positions, double lo, double hi):
+    """grad = clamp(grad, lo, hi) for every grad."""
+    cdef _GradLists lists = _GradLists(grads, positions, True)
+    cdef const fastsgd_impl *impl = _impl
+    with nogil:
+        fastsgd_clamp(impl, FASTSGD_F32, lists.f32.count, lists.f32.params, lists.f32.sizes,
+                      lo, hi)
+        fastsgd_clamp(impl, FASTSGD_F64, lists.f64.count, lists.f64.params, lists.f64.sizes,
+                      lo, hi)

@@ -1,6 +1,6 @@
 """Runs every path of the native step (each kernel the CPU and valgrind run, both
 dtypes, first and later steps, missing grads, rejections, looked-up buffers,
-the functional API and the roofline) for the memory checkers in
+the functional API, the roofline and gradient clipping) for the memory checkers in
 tests/test_memory_checkers.py."""
 import numpy as np
 import fastsgd
@@ -35,4 +35,11 @@ for cap in fastsgd.available_capabilities():
         fastsgd.functional.sgd(params, [np.ones_like(p, subok=False) for p in params], bufs, weight_decay=0.0, momentum=0.5,
                                lr=0.1, dampening=0.0, nesterov=False, maximize=False)
         _native.Roofline(params, [np.ones_like(p, subok=False) for p in params], bufs)()
+        for p in params:
+            p.grad = np.full_like(p, 0.5, subok=False)
+        for norm_type in (2.0, 1.0, 0.0, 3.5):
+            fastsgd.clip_grad_norm_(params, 0.1, norm_type)
+        for norm_type in (float("inf"), -float("inf")):  # params[0] is empty
+            fastsgd.clip_grad_norm_(params[1:], 0.1, norm_type)
+        fastsgd.clip_grad_value_(params, 0.01)
 print("memcheck drive done")

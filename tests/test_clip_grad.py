@@ -1,0 +1,117 @@
+"""Gradient clipping against torch.nn.utils: totals and clipped grads within
+the documented tolerance (fastsgd/clip_grad.py), value clipping exactly."""
+import numpy as np
+import pytest
+
+import fastsgd
+
+torch = pytest.importorskip("torch")
+
+TOLERANCE = {np.float32: 1e-5, np.float64: 1e-12}
+
+
+def twins(dtypes, seed=0, scale=1.0, empty=True):
+    rng = np.random.default_rng(seed)
+    shapes = [(1,), (7,), (1000,), (33, 17), (), (100_003,)] + [(0,)] * empty
+    fast, ref = [], []
+    for k, shape in enumerate(shapes):
+        dtype = dtypes[k % len(dtypes)]
+        p = fastsgd.Parameter(rng.standard_normal(shape).astype(dtype))
+        p.grad = np.asarray(scale * rng.standard_normal(shape), dtype=dtype)
+        t = torch.nn.Parameter(torch.from_numpy(np.array(p)))
+        t.grad = torch.from_numpy(p.grad.copy())
+        fast.append(p)
+        ref.append(t)
+    return fast, ref
+
+
+@pytest.mark.parametrize("dtypes", [(np.float32,), (np.float64,), (np.float32, np.float64)],
+                         ids=["f32", "f64", "mixed"])
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf"), -float("inf"), 0.0, 3.5, 0.5, "inf"])
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_clip_grad_norm_matches_torch(dtypes, norm_type, max_norm):
+    # torch refuses infinity norms over an empty grad (tested below)
+    fast, ref = twins(dtypes, empty=not np.isinf(float(norm_type)))
+    total = fastsgd.clip_grad_norm_(fast, max_norm, norm_type)
+    ref_total = torch.nn.utils.clip_grad_norm_(ref, max_norm, norm_type)
+    rtol = max(TOLERANCE[d] for d in dtypes)
+    assert total.dtype == ref_total.numpy().dtype
+    np.testing.assert_allclose(total, ref_total.numpy(), rtol=rtol)
+    for p, t in zip(fast, ref):
+        np.testing.assert_allclose(p.grad, t.grad.numpy(), rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("norm_type", [float("inf"), -float("inf")])
+def test_infinity_norms_of_an_empty_grad_fail_as_in_torch(norm_type):
+    fast, ref = twins((np.float32,))
+    with pytest.raises(RuntimeError) as ours:
+        fastsgd.clip_grad_norm_(fast, 1.0, norm_type)
+    with pytest.raises(RuntimeError) as theirs:
+        torch.nn.utils.clip_grad_norm_(ref, 1.0, norm_type)
+    assert str(ours.value) == str(theirs.value)
+    for p, t in zip(fast, ref):  # nothing was scaled
+        np.testing.assert_array_equal(p.grad, t.grad.numpy())
+
+
+def test_a_lone_parameter_and_no_grads():
+    p = fastsgd.Parameter(np.ones(4, np.float32))
+    p.grad = np.full(4, 3.0, np.float32)
+    assert fastsgd.clip_grad_norm_(p, 1.0) == np.float32(6.0)
+    np.testing.assert_allclose(p.grad, 3.0 / (6.0 + 1e-6), rtol=1e-6)
+    q = fastsgd.Parameter(np.ones(4, np.float32))
+    assert fastsgd.clip_grad_norm_([q], 1.0) == 0.0
+    with pytest.warns(UserWarning, match="empty generator"):
+        fastsgd.clip_grad_norm_((x for x in []), 1.0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_norms_as_torch(bad):
+    fast, ref = twins((np.float32,), seed=1)
+    fast[2].grad[5] = bad
+    ref[2].grad[5] = bad
+    with pytest.raises(RuntimeError) as ours:
+        fastsgd.clip_grad_norm_(fast, 1.0, error_if_nonfinite=True)
+    with pytest.raises(RuntimeError) as theirs:
+        torch.nn.utils.clip_grad_norm_(ref, 1.0, error_if_nonfinite=True)
+    assert str(ours.value) == str(theirs.value)
+    total = fastsgd.clip_grad_norm_(fast, 1.0)  # scaled by the non-finite norm anyway
+    ref_total = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    np.testing.assert_array_equal(total, ref_total.numpy())
+    for p, t in zip(fast, ref):
+        np.testing.assert_array_equal(p.grad, t.grad.numpy())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_clip_grad_value_is_torchs_clamp_exactly(dtype):
+    fast, ref = twins((dtype,), seed=2, scale=3.0)
+    fast[1].grad[2] = ref[1].grad[2] = np.nan
+    fastsgd.clip_grad_value_(fast, 1.25)
+    torch.nn.utils.clip_grad_value_(ref, 1.25)
+    for p, t in zip(fast, ref):
+        np.testing.assert_array_equal(p.grad, t.grad.numpy())
+
+
+def test_norms_are_identical_on_every_instruction_set():
+    fast, _ = twins((np.float32, np.float64), seed=3)
+    grads, positions = [p.grad for p in fast], list(range(len(fast)))
+    previous = fastsgd.cpu_capability()
+    try:
+        results = []
+        for capability in fastsgd.available_capabilities():
+            fastsgd.set_cpu_capability(capability)
+            results.append(fastsgd._native.grad_norms(grads, positions, 2.0))
+    finally:
+        fastsgd.set_cpu_capability(previous)
+    for norms in results:
+        np.testing.assert_array_equal(norms, results[0])
+
+
+def test_bad_grads_are_named():
+    p = fastsgd.Parameter(np.ones(4))
+    q = fastsgd.Parameter(np.ones(4))
+    p.grad, q.grad = np.ones(4), np.ones(8)[::2]
+    with pytest.raises(ValueError, match=r"^params\[1\]: grad must be contiguous"):
+        fastsgd.clip_grad_norm_([p, q], 1.0)
+    q.grad = np.ones(4, np.int64)
+    with pytest.raises(TypeError, match=r"^params\[1\]: grad must be float32 or float64"):
+        fastsgd.clip_grad_value_([p, q], 1.0)
