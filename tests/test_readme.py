@@ -24,6 +24,16 @@ def test_first_example_runs_as_written():
     assert result.stdout.rstrip().endswith("0.1")
 
 
+def test_every_python_example_runs():
+    """Each API has an example in the README; each checks itself."""
+    examples = re.findall(r"```python\n(.*?)```", README, re.S)
+    assert len(examples) >= 10
+    for example in examples:
+        result = subprocess.run([sys.executable, "-c", example], capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, example + result.stderr
+
+
 def test_self_check_passes():
     result = subprocess.run([sys.executable, "-m", "fastsgd", "check", "--steps", "12"],
                             capture_output=True, text=True)
