@@ -504,6 +504,20 @@ cdef void *_grow(void *old, size_t nbytes) except NULL:
 
 # ----------------------------------------------------------- a group's step
 
+def _first_overlap_across_dtypes(params):
+    """Position of the first parameter sharing memory with one of the other
+    dtype (float32 vs float64) in params, or -1."""
+    spans = sorted((a.__array_interface__["data"][0], a.nbytes, a.dtype == np.float32, i)
+                   for i, a in enumerate(params)
+                   if isinstance(a, np.ndarray) and a.nbytes)
+    reach = {True: 0, False: 0}  # how far the spans of each dtype reach so far
+    for start, nbytes, is_f32, i in spans:
+        if start < reach[not is_f32]:
+            return i
+        reach[is_f32] = max(reach[is_f32], start + nbytes)
+    return -1
+
+
 def _any_overlap(arrays):
     """Whether any two of the arrays (numpy arrays or anything else, which is
     ignored) share a byte of memory."""
@@ -596,6 +610,7 @@ cdef class _GroupPlan:
     cdef fastsgd_sgd_hyper hyper
     cdef bint with_momentum
     cdef bint serial  # some tensors share memory: step them in order, on one thread
+    cdef Py_ssize_t cross_dtype_alias  # a param sharing memory with one of the other dtype, or -1
     cdef _Owners owners  # of the memory of the params and buffers serial was decided on
     cdef _Batch f32
     cdef _Batch f64
@@ -705,6 +720,7 @@ cdef class _GroupPlan:
         arrays = params + [b for b, dynamic in zip(buffers, looked_up) if not dynamic]
         self.serial = any(looked_up) or _any_overlap(arrays)
         self.owners.fill(arrays)
+        self.cross_dtype_alias = _first_overlap_across_dtypes(params)
         return 0
 
     cdef int prepare_group(self, dict group, object state, object version,
@@ -720,6 +736,12 @@ cdef class _GroupPlan:
             raise TypeError(f"optimizer.state must be a dict, but got {type(state).__name__}")
         if not self.cache_holds(params, state, version):
             self.rebuild_cache(params, state, version, group_index)
+        if self.cross_dtype_alias >= 0:
+            raise ValueError(
+                f"{_where(group_index, self.cross_dtype_alias)}: shares memory with a "
+                f"parameter of the other dtype in its group; a step updates a group's "
+                f"float32 and float64 parameters in separate passes, so it cannot keep "
+                f"their order: put them in different groups or stop sharing the memory")
         cdef Py_ssize_t i, n = PyList_GET_SIZE(params)
         self.reset(n)
         cdef PyObject *param
