@@ -199,6 +199,8 @@ cdef double _real_option(dict options, str key, Py_ssize_t group_index) except? 
     value = _option(options, key, group_index)
     if type(value) is float:
         return <double>value
+    if cnp.PyArray_Check(value) and cnp.PyArray_SIZE(<cnp.ndarray>value) == 1:
+        value = value.item()  # a 1-element array, as torch takes a 1-element Tensor lr
     # float() also parses strings: "0.1" is no more a number here than in torch.
     if not isinstance(value, (str, bytes, bytearray)):
         try:

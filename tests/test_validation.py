@@ -193,3 +193,14 @@ def test_differentiable_in_a_group_is_refused_before_any_write():
     with pytest.raises(RuntimeError, match="no autograd"):
         opt.step()
     assert_untouched(opt, before)
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)])
+def test_one_element_array_hyperparameters_step_like_floats(shape):
+    """torch takes a 1-element Tensor lr; fastsgd a 1-element array of any shape."""
+    values = np.linspace(-1, 1, 9)
+    p, q = fastsgd.Parameter(values.copy()), fastsgd.Parameter(values.copy())
+    p.grad = q.grad = np.cos(values)
+    fastsgd.SGD([p], lr=np.full(shape, 0.1), momentum=np.full(shape, 0.9)).step()
+    fastsgd.SGD([q], lr=0.1, momentum=0.9).step()
+    np.testing.assert_array_equal(p, q)
