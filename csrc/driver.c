@@ -115,25 +115,29 @@ static void run_span(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hype
     }
 }
 
+int fastsgd_threads_for(int dtype, int64_t total, int with_buffers)
+{
+    /* param, grad read and param written; buffer read and written */
+    const int64_t bytes = total * (int64_t)elem_size(dtype) * (with_buffers ? 5 : 3);
+    const int64_t wanted = bytes / parallel_min_bytes_per_thread;
+    const int max_threads = fastsgd_get_num_threads();
+    return wanted < 1 ? 1 : wanted > max_threads ? max_threads : (int)wanted;
+}
+
 static void run(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
                 const fastsgd_tensor_list *list, int serial)
 {
     const int64_t total = total_elements(list);
-    const size_t es = elem_size(dtype);
-    /* param, grad read and param written; buffer read and written */
-    const int64_t bytes = total * (int64_t)es * (list->bufs ? 5 : 3);
-    int64_t nthreads = bytes / parallel_min_bytes_per_thread;
-    const int max_threads = fastsgd_get_num_threads();
-    if (nthreads > max_threads)
-        nthreads = max_threads;
+    const int nthreads = fastsgd_threads_for(dtype, total, list->bufs != NULL);
     if (nthreads <= 1 || serial) {
         position begin = {0, 0}, end = {list->ntensors, 0};
         run_span(impl, dtype, h, list, begin, end);
         return;
     }
 #ifdef _OPENMP
+    const size_t es = elem_size(dtype);
     pool_started = 1;
-#pragma omp parallel num_threads((int)nthreads)
+#pragma omp parallel num_threads(nthreads)
     {
         const int64_t k = omp_get_thread_num(), nt = omp_get_num_threads();
         run_span(impl, dtype, h, list, cut(list, k, nt, total, es),

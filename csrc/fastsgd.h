@@ -98,6 +98,10 @@ void fastsgd_clamp(const fastsgd_impl *impl, int dtype, int64_t ntensors, void *
 int fastsgd_get_num_threads(void);
 void fastsgd_set_num_threads(int n);
 
+/* How many threads a call over `total` elements of `dtype` uses (with
+ * momentum buffers or not), unless it must run serially. */
+int fastsgd_threads_for(int dtype, int64_t total, int with_buffers);
+
 /* Memory traffic per thread below which a call uses fewer threads. */
 int64_t fastsgd_get_parallel_min_bytes(void);
 void fastsgd_set_parallel_min_bytes(int64_t bytes);

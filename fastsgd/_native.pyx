@@ -73,6 +73,7 @@ cdef extern from "fastsgd.h" nogil:
     int fastsgd_get_num_threads()
     void fastsgd_set_num_threads(int n)
     int fastsgd_has_openmp()
+    int fastsgd_threads_for(int dtype, int64_t total, int with_buffers)
     int64_t fastsgd_get_parallel_min_bytes()
     void fastsgd_set_parallel_min_bytes(int64_t nbytes)
 
@@ -453,8 +454,7 @@ cdef class _Batch:
             Py_XDECREF(self.held[i])
         self.count = 0
 
-    cdef bint grads_may_alias(self, _Owners owners, bint with_buffers,
-                              int64_t itemsize) noexcept:
+    cdef bint grads_may_alias(self, _Owners owners, bint with_buffers, int dtype) noexcept:
         """Whether a step of this batch on several threads could read a grad
         that another tensor's step writes (a grad sharing memory with another
         parameter or momentum buffer of the group).  Checked only when the
@@ -463,9 +463,7 @@ cdef class _Batch:
         cdef int64_t total = 0
         for i in range(self.count):
             total += self.sizes[i]
-        # the driver's rule for using several threads (csrc/driver.c)
-        cdef int64_t nbytes = total * itemsize * (5 if with_buffers else 3)
-        if nbytes // fastsgd_get_parallel_min_bytes() < 2 or fastsgd_get_num_threads() < 2:
+        if fastsgd_threads_for(dtype, total, with_buffers) < 2:
             return False
         if self.clean_fills != owners.fills:
             memset(self.clean_grads, 0, 2 * self.capacity * sizeof(void *))
@@ -812,9 +810,9 @@ cdef class _GroupPlan:
         # after (or before) that tensor's update, in order, as torch does.
         # (The roofline only measures: it runs as it finds its arrays.)
         cdef bint serial32 = self.serial or (not roofline and f32.ntensors > 0 and
-            self.f32.grads_may_alias(self.owners, self.with_momentum, 4))
+            self.f32.grads_may_alias(self.owners, self.with_momentum, FASTSGD_F32))
         cdef bint serial64 = self.serial or (not roofline and f64.ntensors > 0 and
-            self.f64.grads_may_alias(self.owners, self.with_momentum, 8))
+            self.f64.grads_may_alias(self.owners, self.with_momentum, FASTSGD_F64))
         with nogil:
             if f32.ntensors:
                 if roofline:
