@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import warnings
 
 import numpy
 from Cython.Build import cythonize
@@ -48,7 +47,6 @@ class BuildExt(build_ext):
                       and shutil.which(compiler_cmd[0]) is not None
                       and compiler_has_openmp(compiler_cmd))
         if not use_openmp:
-            warnings.warn("fastsgd: building without OpenMP; steps will run on one thread")
             print("fastsgd: building without OpenMP; steps will run on one thread",
                   file=sys.stderr)
         sanitize = SANITIZE_FLAGS if os.environ.get("FASTSGD_SANITIZE", "") not in ("", "0") else []
