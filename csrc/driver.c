@@ -179,6 +179,26 @@ void fastsgd_clamp(const fastsgd_impl *impl, int dtype, int64_t ntensors, void *
         impl->clamp[dtype](arrays[t], sizes[t], lo, hi);
 }
 
+int fastsgd_parallel_ranges(int64_t n, int64_t min_per_thread, fastsgd_range_fn fn, void *ctx)
+{
+    int64_t wanted = n / (min_per_thread > 0 ? min_per_thread : 1);
+    const int max_threads = fastsgd_get_num_threads();
+    const int nthreads = wanted < 1 ? 1 : wanted > max_threads ? max_threads : (int)wanted;
+    if (nthreads <= 1)
+        return 1;
+#ifdef _OPENMP
+    pool_started = 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int64_t k = omp_get_thread_num(), nt = omp_get_num_threads();
+        fn(ctx, n * k / nt, n * (k + 1) / nt);
+    }
+#else
+    (void)fn, (void)ctx;  /* one thread: returned above */
+#endif
+    return nthreads;
+}
+
 int64_t fastsgd_get_parallel_min_bytes(void) { return parallel_min_bytes_per_thread; }
 
 void fastsgd_set_parallel_min_bytes(int64_t bytes)

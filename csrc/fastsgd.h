@@ -102,6 +102,14 @@ void fastsgd_set_num_threads(int n);
  * momentum buffers or not), unless it must run serially. */
 int fastsgd_threads_for(int dtype, int64_t total, int with_buffers);
 
+/* Runs fn(ctx, begin, end) over [0, n), one range per thread, on as many
+ * threads as have at least `min_per_thread` items each, and returns that
+ * number -- unless it is 1: then fn is not called and the caller does the
+ * work itself.  The callers hold the GIL, which keeps still the Python
+ * objects fn reads; fn must not call into Python. */
+typedef void (*fastsgd_range_fn)(void *ctx, int64_t begin, int64_t end);
+int fastsgd_parallel_ranges(int64_t n, int64_t min_per_thread, fastsgd_range_fn fn, void *ctx);
+
 /* Memory traffic per thread below which a call uses fewer threads. */
 int64_t fastsgd_get_parallel_min_bytes(void);
 void fastsgd_set_parallel_min_bytes(int64_t bytes);

@@ -22,6 +22,24 @@ def test_steady_state_step_allocates_nothing():
     assert _traced_growth_and_peak(opt, 1000) == _traced_growth_and_peak(opt, 0)
 
 
+def test_steady_state_step_of_many_tensors_on_two_threads_allocates_nothing():
+    """The group is staged on two threads (see test_parallel_staging.py)."""
+    rng = np.random.default_rng(1)
+    params = [fastsgd.Parameter(rng.standard_normal(16).astype(np.float32))
+              for _ in range(2000)]
+    for p in params:
+        p.grad = rng.standard_normal(p.shape).astype(p.dtype)
+    opt = fastsgd.SGD(params, lr=0.01, momentum=0.9)
+    threads = fastsgd.get_num_threads()
+    fastsgd.set_num_threads(2)
+    try:
+        for _ in range(3):
+            opt.step()
+        assert _traced_growth_and_peak(opt, 200) == _traced_growth_and_peak(opt, 0)
+    finally:
+        fastsgd.set_num_threads(threads)
+
+
 def _traced_growth_and_peak(opt, n):
     """(memory kept, memory peaked above the start) over n steps."""
     steps = itertools.repeat(None, n)  # made before tracing; yields no new objects

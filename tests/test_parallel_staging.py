@@ -1,0 +1,134 @@
+"""A group of many tensors is staged (read, checked and gathered into the
+kernel's pointer lists) on several threads.  That path must give the bits,
+errors and reference counts of the calling thread's, and hand a group back
+to the calling thread whenever one of its tensors needs more than the
+steady state."""
+import re
+import sys
+
+import numpy as np
+import pytest
+
+import fastsgd
+from fastsgd import _native, reference
+
+pytestmark = pytest.mark.skipif(not fastsgd.has_openmp(), reason="built without OpenMP")
+
+MANY = 3000  # 2 threads share staging from 1,024 tensors on
+OPTIONS = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    before = fastsgd.get_num_threads()
+    fastsgd.set_num_threads(2)
+    yield
+    fastsgd.set_num_threads(before)
+
+
+def twins(seed=0):
+    """The same MANY tensors (float32 and float64 interleaved, empty, 1-D,
+    2-D in C and Fortran order) under fastsgd.SGD and reference.SGD."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for i in range(MANY):
+        dtype = np.float64 if i % 3 == 0 else np.float32
+        if i % 5:
+            value = rng.standard_normal(int(rng.integers(0, 40)))
+        else:
+            value = rng.standard_normal((3, int(rng.integers(1, 9))))
+            value = np.asfortranarray(value) if i % 10 == 0 else value
+        values.append(value.astype(dtype, order="A"))
+    fast = [fastsgd.Parameter(v.copy(order="A")) for v in values]
+    ref = [fastsgd.Parameter(v.copy(order="A")) for v in values]
+    return fastsgd.SGD(fast, **OPTIONS), fast, reference.SGD(ref, **OPTIONS), ref
+
+
+def grad_like(rng, p):
+    g = np.empty_like(p, subok=False)  # in p's memory order
+    g[...] = rng.standard_normal(p.shape)
+    return g
+
+
+def set_grads(rng, *param_lists, none_every=0):
+    grads = [grad_like(rng, p) for p in param_lists[0]]
+    for params in param_lists:
+        for i, (p, g) in enumerate(zip(params, grads)):
+            p.grad = None if none_every and i % none_every == 0 else g.copy(order="A")
+
+
+def assert_same(opt, fast, ref_opt, ref):
+    for a, b in zip(fast, ref):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(opt.state[a]["momentum_buffer"],
+                                      ref_opt.state[b]["momentum_buffer"])
+
+
+def test_staging_threads_give_the_reference_bits():
+    opt, fast, ref_opt, ref = twins()
+    rng = np.random.default_rng(1)
+    threaded = []
+    for step in range(4):
+        set_grads(rng, fast, ref, none_every=7 if step == 2 else 0)
+        before = _native.parallel_staging_count()
+        opt.step()
+        threaded.append(_native.parallel_staging_count() - before)
+        ref_opt.step()
+    # The first step creates the buffers on the calling thread; the
+    # steady-state steps (one with missing grads) are staged on two.
+    assert threaded == [0, 1, 1, 1]
+    assert_same(opt, fast, ref_opt, ref)
+
+
+def test_a_tensor_off_the_steady_state_sends_the_group_back_to_the_calling_thread():
+    opt, fast, ref_opt, ref = twins()
+    rng = np.random.default_rng(2)
+    set_grads(rng, fast, ref)
+    opt.step()
+    ref_opt.step()
+    for o, params in ((opt, fast), (ref_opt, ref)):  # a plain dict: looked up per step
+        o.state[params[-1]] = {"momentum_buffer": np.full(params[-1].shape, 0.5,
+                                                          params[-1].dtype)}
+    for _ in range(2):
+        set_grads(rng, fast, ref)
+        before = _native.parallel_staging_count()
+        opt.step()
+        assert _native.parallel_staging_count() == before
+        ref_opt.step()
+    assert_same(opt, fast, ref_opt, ref)
+
+
+@pytest.mark.parametrize("position", [5, MANY - 5], ids=["first thread", "second thread"])
+def test_a_bad_grad_found_by_a_staging_thread_is_named_and_nothing_is_written(position):
+    opt, fast, _, _ = twins()
+    rng = np.random.default_rng(3)
+    for _ in range(2):
+        set_grads(rng, fast)
+        opt.step()
+    buffers = [opt.state[p]["momentum_buffer"] for p in fast]
+    saved = [a.copy(order="A") for a in fast + buffers]
+    bad = fast[position]
+    bad.grad = np.zeros(bad.size + 1, bad.dtype)
+    where = re.escape(f"param_groups[0]['params'][{position}]: grad has shape")
+    with pytest.raises(ValueError, match=where):
+        opt.step()
+    for a, b in zip(fast + buffers, saved):
+        assert a.tobytes(order="A") == b.tobytes(order="A")
+
+
+def test_staging_threads_leave_reference_counts_as_they_were():
+    opt, fast, _, _ = twins()
+    rng = np.random.default_rng(4)
+    for _ in range(2):
+        set_grads(rng, fast)
+        opt.step()
+    grads = [p.grad for p in fast]
+    buffers = [opt.state[p]["momentum_buffer"] for p in fast]
+
+    def counts():
+        return [sys.getrefcount(x) for x in fast + grads + buffers]
+
+    before, stagings = counts(), _native.parallel_staging_count()
+    opt.step()
+    assert _native.parallel_staging_count() == stagings + 1
+    assert counts() == before
