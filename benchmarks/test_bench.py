@@ -4,19 +4,20 @@
 
 Each workload and thread count is one group, so pytest-benchmark's table sets
 fastsgd beside the roofline, torch's three implementations and the numpy
-reference.  Speed targets are judged from ratios within one run (see the
-README), never asserted here.
+reference.  Steps run back to back here (warm caches); the comparison command
+flushes the cache before each sample.  Speed targets are judged from ratios
+within one run (see the README), never asserted here.
 """
 import pytest
 
-from fastsgd.bench import PEERS, WORKLOADS
+from fastsgd.bench import PEERS, WORKLOADS, Model, _model
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("peer", list(PEERS))
 @pytest.mark.parametrize("workload", WORKLOADS, ids=lambda w: w.name)
 def test_step(benchmark, workload, peer, threads):
-    step = PEERS[peer](workload, threads)
+    step = PEERS[peer](workload, threads, Model(*_model(workload)))
     if step is None:
         pytest.skip(f"{peer} does not run here at {threads} thread(s)")
     benchmark.group = f"{workload.name} {workload.description}, {threads} thread(s)"

@@ -115,13 +115,17 @@ def main(argv=None):
                            help="where to write the results ('' for nowhere)")
     bench_cmd.add_argument("--png", help="also draw a chart there (needs matplotlib: "
                                          "pip install 'fastsgd[plot]')")
+    bench_cmd.add_argument("--no-flush", dest="flush", action="store_false",
+                           help="time steps back to back, without flushing the cache "
+                                "before each sample (each peer then starts from what the "
+                                "one before it left in cache)")
     args = parser.parse_args(argv)
     if args.command == "check":
         return check(steps=args.steps)
     from . import bench
 
     return bench.main(args.workloads, tuple(args.threads), args.budget, args.json, args.peers,
-                      args.png)
+                      args.png, args.flush)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,11 @@ installed, fastsgd.reference (numpy), and the roofline: a C streaming loop
 shipped in the extension that makes the same reads and writes per element as
 a step, split over threads the same way.  Every peer starts from the same
 values and grads; times are medians of individually timed steps (batched for
-steps shorter than a millisecond).  Ratios are only meaningful within one run.
+steps shorter than a millisecond).  Before each sample the cache is flushed,
+so that every peer starts from the state a step meets after a backward pass,
+whichever peer ran before it.  Ratios are only meaningful within one run.
 """
+import glob
 import json
 import math
 import platform
@@ -153,18 +156,49 @@ def _calls_per_sample(step):
     return max(1, int(1e-3 / max(time.perf_counter() - start, 1e-9))), time.perf_counter() - start
 
 
-def measure_together(steps, budget_s, min_rounds=5, max_rounds=200):
+def last_level_cache_bytes():
+    """The size of the CPU's largest cache (Linux sysfs), else 64 MiB."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+            sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+        except (OSError, ValueError, IndexError):
+            continue
+    return max(sizes, default=64 << 20)
+
+
+class CacheFlush:
+    """Streams an array twice the size of the last-level cache.  Called
+    before each sample, it gives every peer the same start: its arrays and
+    Python objects out of cache, as after a forward and backward pass.
+    Without it, a peer that runs right after another touching the same
+    memory (the roofline after fastsgd) would start warmer than the rest."""
+
+    def __init__(self, nbytes=None):
+        self.array = np.zeros((nbytes or 2 * last_level_cache_bytes()) // 8)
+
+    def __call__(self):
+        np.add(self.array, 1.0, out=self.array)
+
+
+def measure_together(steps, budget_s, min_rounds=5, max_rounds=200, before_sample=None):
     """Median seconds per call of each step, sampled in turns.
 
     The machine's speed drifts (other tenants, memory bandwidth, clocks), so
     the peers are timed round-robin, one sample each per round, and every
-    ratio compares samples taken side by side."""
+    ratio compares samples taken side by side.  before_sample(), if given,
+    runs untimed before every sample."""
     batches, firsts = zip(*(_calls_per_sample(step) for step in steps))
     per_round = sum(b * f for b, f in zip(batches, firsts))
     rounds = int(min(max_rounds, max(min_rounds, budget_s * len(steps) / max(per_round, 1e-9))))
     samples = [[] for _ in steps]
     for _ in range(rounds):
         for step, batch, times in zip(steps, batches, samples):
+            if before_sample is not None:
+                before_sample()
             start = time.perf_counter()
             for _ in range(batch):
                 step()
@@ -176,11 +210,14 @@ def measure_together(steps, budget_s, min_rounds=5, max_rounds=200):
 _SLOW_PEERS = ("reference",)
 
 
-def run(workloads=None, threads=(1, 2), peers=None, budget_s=0.5, progress=sys.stderr):
-    """Measure every (workload, thread count, peer); returns the result rows."""
+def run(workloads=None, threads=(1, 2), peers=None, budget_s=0.5, progress=sys.stderr,
+        flush=True):
+    """Measure every (workload, thread count, peer); returns the result rows.
+    With flush, every sample starts from a flushed cache (see CacheFlush)."""
     workloads = [w for w in WORKLOADS if workloads is None or w.name in workloads]
     peers = list(PEERS) if peers is None else peers
     groups = [(w, t) for w in workloads for t in threads]
+    before_sample = CacheFlush() if flush else None
     results = []
     saved_threads = fastsgd.get_num_threads()
     try:
@@ -189,10 +226,12 @@ def run(workloads=None, threads=(1, 2), peers=None, budget_s=0.5, progress=sys.s
             steps = {p: PEERS[p](workload, t, model) for p in peers}
             steps = {p: s for p, s in steps.items() if s is not None}
             together = [p for p in steps if p not in _SLOW_PEERS]
-            seconds = dict(zip(together, measure_together([steps[p] for p in together], budget_s)))
+            seconds = dict(zip(together, measure_together([steps[p] for p in together], budget_s,
+                                                          before_sample=before_sample)))
             for p in steps:
                 if p in _SLOW_PEERS:
-                    seconds[p] = measure_together([steps[p]], budget_s, min_rounds=3)[0]
+                    seconds[p] = measure_together([steps[p]], budget_s, min_rounds=3,
+                                                  before_sample=before_sample)[0]
             del steps, model
             for p, sec in seconds.items():
                 results.append({"workload": workload.name, "peer": p, "threads": t,
@@ -288,14 +327,15 @@ def machine():
 
 
 def main(workloads=None, threads=(1, 2), budget_s=0.5, json_path="fastsgd-bench.json",
-         peers=None, png_path=None):
+         peers=None, png_path=None, flush=True):
     info = machine()
+    info["cache_flushed_before_each_sample"] = flush
     print(f"fastsgd bench: kernel {info['kernel']}, torch {info['torch'] or 'not installed'}, "
           f"{info.get('cpu', info['machine'])}", flush=True)
     if info["torch"] is None:
         print("torch is not installed: the torch peers are skipped "
               "(pip install 'fastsgd[bench]' to compare)", flush=True)
-    results = run(workloads, threads, peers, budget_s=budget_s)
+    results = run(workloads, threads, peers, budget_s=budget_s, flush=flush)
     print()
     print(table(results))
     if json_path:

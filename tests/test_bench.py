@@ -3,6 +3,8 @@ asserted: speed lives in benchmarks/)."""
 import json
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 
@@ -42,3 +44,33 @@ def test_roofline_makes_the_same_traffic_as_a_step():
     roofline = fastsgd._native.Roofline([p], [g], [b])
     roofline()
     assert np.all(b == 3.0) and np.all(p == 3.0)
+
+
+def test_every_sample_starts_after_the_flush():
+    events = []
+
+    def step(name):  # long enough to be timed alone, not in a batch
+        return lambda: (events.append(name), time.sleep(2e-3))
+
+    bench.measure_together([step("a"), step("b")], budget_s=0.0, min_rounds=3,
+                           before_sample=lambda: events.append("flush"))
+    # the first call of each step sizes its batch; then 3 rounds of one-call samples
+    assert events[2:] == ["flush", "a", "flush", "b"] * 3
+
+
+def test_the_flush_streams_twice_the_last_level_cache():
+    assert bench.last_level_cache_bytes() >= 1 << 20
+    flush = bench.CacheFlush()
+    assert flush.array.nbytes == 2 * bench.last_level_cache_bytes() // 8 * 8
+    flush()
+    assert flush.array[0] == 1.0
+
+
+def test_the_pytest_benchmark_suite_runs():
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", str(root / "benchmarks"), "-q", "-k", "W4",
+         "--benchmark-disable", "-p", "no:cacheprovider"],
+        capture_output=True, text=True, timeout=300, cwd=root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert " passed" in result.stdout
