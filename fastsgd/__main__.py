@@ -115,17 +115,18 @@ def main(argv=None):
                            help="where to write the results ('' for nowhere)")
     bench_cmd.add_argument("--png", help="also draw a chart there (needs matplotlib: "
                                          "pip install 'fastsgd[plot]')")
-    bench_cmd.add_argument("--no-flush", dest="flush", action="store_false",
-                           help="time steps back to back, without flushing the cache "
-                                "before each sample (each peer then starts from what the "
-                                "one before it left in cache)")
+    bench_cmd.add_argument("--cache", choices=["cold", "warm"],
+                           help="the state every sample starts from: cold flushes the "
+                                "cache, as after a backward pass; warm runs the same peer's "
+                                "step once before, as back-to-back steps do (default: warm "
+                                "for W4, which measures call overhead, cold for the rest)")
     args = parser.parse_args(argv)
     if args.command == "check":
         return check(steps=args.steps)
     from . import bench
 
     return bench.main(args.workloads, tuple(args.threads), args.budget, args.json, args.peers,
-                      args.png, args.flush)
+                      args.png, args.cache)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ installed, fastsgd.reference (numpy), and the roofline: a C streaming loop
 shipped in the extension that makes the same reads and writes per element as
 a step, split over threads the same way.  Every peer starts from the same
 values and grads; times are medians of individually timed steps (batched for
-steps shorter than a millisecond).  Before each sample the cache is flushed,
-so that every peer starts from the state a step meets after a backward pass,
-whichever peer ran before it.  Ratios are only meaningful within one run.
+steps shorter than a millisecond).  Every sample starts from a state that does
+not depend on which peer ran before it: "cold", the cache flushed, as a step
+finds it after a backward pass (every workload but W4), or "warm", the same
+peer having just stepped, as in back-to-back calls (W4, which measures the
+overhead of a call).  Ratios are only meaningful within one run.
 """
 import glob
 import json
@@ -48,6 +50,7 @@ class Workload:
     shapes: list
     dtype: type = np.float32
     options: dict = field(default_factory=lambda: dict(DEFAULT_OPTIONS))
+    cache: str = "cold"  # the state each sample starts from (see the module's doc)
 
     @property
     def elements(self):
@@ -64,7 +67,7 @@ WORKLOADS = [
     Workload("W1", "ResNet-50 shapes, f32", resnet50_shapes()),
     Workload("W2", "5,000 tensors x 256, f32", [(256,)] * 5000),
     Workload("W3", "one tensor of 50M, f32", [(50_000_000,)]),
-    Workload("W4", "one tensor of 100, f32", [(100,)]),
+    Workload("W4", "one tensor of 100, f32", [(100,)], cache="warm"),
     Workload("W5", "ResNet-50 shapes, f64", resnet50_shapes(), np.float64),
     Workload("W6", "ResNet-50, plain momentum", resnet50_shapes(),
              options={"lr": 0.01, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0}),
@@ -180,8 +183,16 @@ class CacheFlush:
     def __init__(self, nbytes=None):
         self.array = np.zeros((nbytes or 2 * last_level_cache_bytes()) // 8)
 
-    def __call__(self):
+    def __call__(self, step=None):
         np.add(self.array, 1.0, out=self.array)
+
+
+def _step_once(step):
+    """Before a warm sample: what the peer's own previous step leaves in cache."""
+    step()
+
+
+CACHE_STATES = ("cold", "warm")
 
 
 def measure_together(steps, budget_s, min_rounds=5, max_rounds=200, before_sample=None):
@@ -189,8 +200,8 @@ def measure_together(steps, budget_s, min_rounds=5, max_rounds=200, before_sampl
 
     The machine's speed drifts (other tenants, memory bandwidth, clocks), so
     the peers are timed round-robin, one sample each per round, and every
-    ratio compares samples taken side by side.  before_sample(), if given,
-    runs untimed before every sample."""
+    ratio compares samples taken side by side.  before_sample(step), if
+    given, runs untimed before every sample of step."""
     batches, firsts = zip(*(_calls_per_sample(step) for step in steps))
     per_round = sum(b * f for b, f in zip(batches, firsts))
     rounds = int(min(max_rounds, max(min_rounds, budget_s * len(steps) / max(per_round, 1e-9))))
@@ -198,7 +209,7 @@ def measure_together(steps, budget_s, min_rounds=5, max_rounds=200, before_sampl
     for _ in range(rounds):
         for step, batch, times in zip(steps, batches, samples):
             if before_sample is not None:
-                before_sample()
+                before_sample(step)
             start = time.perf_counter()
             for _ in range(batch):
                 step()
@@ -211,17 +222,22 @@ _SLOW_PEERS = ("reference",)
 
 
 def run(workloads=None, threads=(1, 2), peers=None, budget_s=0.5, progress=sys.stderr,
-        flush=True):
+        cache=None):
     """Measure every (workload, thread count, peer); returns the result rows.
-    With flush, every sample starts from a flushed cache (see CacheFlush)."""
+    cache, if given, is the state every sample starts from ("cold" or
+    "warm") instead of each workload's own."""
     workloads = [w for w in WORKLOADS if workloads is None or w.name in workloads]
     peers = list(PEERS) if peers is None else peers
     groups = [(w, t) for w in workloads for t in threads]
-    before_sample = CacheFlush() if flush else None
+    flush = None  # made when first needed: it holds twice the last-level cache
     results = []
     saved_threads = fastsgd.get_num_threads()
     try:
         for k, (workload, t) in enumerate(groups, 1):
+            state = cache or workload.cache
+            if state == "cold" and flush is None:
+                flush = CacheFlush()
+            before_sample = flush if state == "cold" else _step_once
             model = Model(*_model(workload))
             steps = {p: PEERS[p](workload, t, model) for p in peers}
             steps = {p: s for p, s in steps.items() if s is not None}
@@ -234,7 +250,7 @@ def run(workloads=None, threads=(1, 2), peers=None, budget_s=0.5, progress=sys.s
                                                   before_sample=before_sample)[0]
             del steps, model
             for p, sec in seconds.items():
-                results.append({"workload": workload.name, "peer": p, "threads": t,
+                results.append({"workload": workload.name, "peer": p, "threads": t, "cache": state,
                                 "seconds": sec, "gb_per_s": workload.bytes_per_step / sec / 1e9})
             if progress:
                 summary = ", ".join(f"{p} {_format_time(sec)}" for p, sec in seconds.items())
@@ -327,15 +343,14 @@ def machine():
 
 
 def main(workloads=None, threads=(1, 2), budget_s=0.5, json_path="fastsgd-bench.json",
-         peers=None, png_path=None, flush=True):
+         peers=None, png_path=None, cache=None):
     info = machine()
-    info["cache_flushed_before_each_sample"] = flush
     print(f"fastsgd bench: kernel {info['kernel']}, torch {info['torch'] or 'not installed'}, "
           f"{info.get('cpu', info['machine'])}", flush=True)
     if info["torch"] is None:
         print("torch is not installed: the torch peers are skipped "
               "(pip install 'fastsgd[bench]' to compare)", flush=True)
-    results = run(workloads, threads, peers, budget_s=budget_s, flush=flush)
+    results = run(workloads, threads, peers, budget_s=budget_s, cache=cache)
     print()
     print(table(results))
     if json_path:
