@@ -291,6 +291,27 @@ def table(results):
     return "\n".join(lines)
 
 
+def limits_table(results):
+    """What the memory bus allows, from the same run: how much faster 2
+    threads are than 1 for fastsgd and for the roofline, and how much faster
+    the roofline is than torch fused (no step with the same traffic can beat
+    either ratio by much).  Empty unless the run has 1 and 2 threads."""
+    by_key = {(r["workload"], r["peer"], r["threads"]): r["seconds"] for r in results}
+    lines = ["| workload | fastsgd, 2 threads vs 1 | roofline, 2 threads vs 1 "
+             "| roofline vs torch fused, 1 thread | roofline vs torch fused, 2 threads |",
+             "|---|---|---|---|---|"]
+    for w in WORKLOADS:
+        one, two = by_key.get((w.name, "fastsgd", 1)), by_key.get((w.name, "fastsgd", 2))
+        roof1, roof2 = by_key.get((w.name, "roofline", 1)), by_key.get((w.name, "roofline", 2))
+        if not (one and two and roof1 and roof2):
+            continue
+        fused = [by_key.get((w.name, "torch fused", t)) for t in (1, 2)]
+        cells = [w.name, f"{one / two:.2f}", f"{roof1 / roof2:.2f}"]
+        cells += [f"{f / r:.2f}" if f else "-" for f, r in zip(fused, (roof1, roof2))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def plot(results, path):
     """A PNG of each peer's time per step (log scale) and share of the
     roofline, per workload and thread count.  Needs matplotlib."""
@@ -353,6 +374,10 @@ def main(workloads=None, threads=(1, 2), budget_s=0.5, json_path="fastsgd-bench.
     results = run(workloads, threads, peers, budget_s=budget_s, cache=cache)
     print()
     print(table(results))
+    limits = limits_table(results)
+    if limits:
+        print()
+        print(limits)
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"machine": info, "results": results}, f, indent=1)

@@ -85,3 +85,13 @@ def test_the_pytest_benchmark_suite_runs():
         capture_output=True, text=True, timeout=300, cwd=root)
     assert result.returncode == 0, result.stdout + result.stderr
     assert " passed" in result.stdout
+
+
+def test_the_limits_table_sets_fastsgd_scaling_beside_the_rooflines():
+    seconds = {("fastsgd", 1): 4.0, ("fastsgd", 2): 2.5, ("roofline", 1): 3.0,
+               ("roofline", 2): 2.0, ("torch fused", 1): 30.0, ("torch fused", 2): 10.0}
+    results = [{"workload": "W2", "peer": p, "threads": t, "seconds": s}
+               for (p, t), s in seconds.items()]
+    lines = bench.limits_table(results).splitlines()
+    assert lines[2] == "| W2 | 1.60 | 1.50 | 10.00 | 5.00 |"
+    assert bench.limits_table([r for r in results if r["threads"] == 1]) == ""
