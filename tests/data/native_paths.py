@@ -1,6 +1,7 @@
 """Runs every path of the native step (each kernel the CPU and valgrind run, both
 dtypes, first and later steps, missing grads, rejections, looked-up buffers,
-the functional API, the roofline and gradient clipping) for the memory checkers in
+the functional API, the roofline, gradient clipping and a group staged on two
+threads) for the memory checkers in
 tests/test_memory_checkers.py."""
 import numpy as np
 import fastsgd
@@ -42,4 +43,24 @@ for cap in fastsgd.available_capabilities():
         for norm_type in (float("inf"), -float("inf")):  # params[0] is empty
             fastsgd.clip_grad_norm_(params[1:], 0.1, norm_type)
         fastsgd.clip_grad_value_(params, 0.01)
+# A group staged on 2 threads: steady-state steps, a missing grad, a rejection
+# found by either thread, and a plain-dict state sending it back to one thread.
+fastsgd.set_num_threads(2)
+many = [fastsgd.Parameter(rng.standard_normal(n % 9).astype(np.float32 if n % 3 else np.float64))
+        for n in range(1200)]
+opt = fastsgd.SGD(many, lr=0.1, momentum=0.9)
+for step in range(4):
+    for i, p in enumerate(many):
+        p.grad = None if step == 2 and i % 5 == 0 else np.ones_like(p, subok=False)
+    opt.step()
+for bad in (3, 1100):
+    many[bad].grad = np.zeros(20, many[bad].dtype)
+    try:
+        opt.step()
+    except ValueError:
+        pass
+    many[bad].grad = np.ones_like(many[bad], subok=False)
+opt.state[many[7]] = {"momentum_buffer": np.zeros_like(many[7], subok=False)}
+opt.step()
+assert _native.parallel_staging_count() > 0 or not fastsgd.has_openmp()
 print("memcheck drive done")
