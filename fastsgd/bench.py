@@ -183,16 +183,13 @@ class CacheFlush:
     def __init__(self, nbytes=None):
         self.array = np.zeros((nbytes or 2 * last_level_cache_bytes()) // 8)
 
-    def __call__(self, step=None):
+    def __call__(self, step=None):  # step: measure_together names the sample's peer
         np.add(self.array, 1.0, out=self.array)
 
 
 def _step_once(step):
     """Before a warm sample: what the peer's own previous step leaves in cache."""
     step()
-
-
-CACHE_STATES = ("cold", "warm")
 
 
 def measure_together(steps, budget_s, min_rounds=5, max_rounds=200, before_sample=None):
