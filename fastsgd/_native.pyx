@@ -9,7 +9,8 @@ with the GIL released.  All the arithmetic lives in csrc/.
 What a step gathers from the optimizer's state is cached per group (see
 _GroupPlan) so that a steady-state step costs a few nanoseconds per tensor
 and allocates nothing; grads and every array's metadata are still checked on
-every step.
+every step.  A group of many tensors is checked and gathered on several
+threads (_stage_range) while the calling thread holds the GIL.
 """
 import numpy as np
 

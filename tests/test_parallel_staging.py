@@ -132,3 +132,26 @@ def test_staging_threads_leave_reference_counts_as_they_were():
     opt.step()
     assert _native.parallel_staging_count() == stagings + 1
     assert counts() == before
+
+
+class GradArray(np.ndarray):
+    """An ndarray subclass: a grad the rules accept like any array."""
+
+
+@pytest.mark.parametrize("position", [5, MANY - 5], ids=["first thread", "second thread"])
+def test_odd_grads_read_by_a_staging_thread_are_refused_or_stepped_like_the_reference(position):
+    opt, fast, ref_opt, ref = twins()
+    rng = np.random.default_rng(5)
+    for _ in range(2):
+        set_grads(rng, fast, ref)
+        opt.step()
+        ref_opt.step()
+    set_grads(rng, fast, ref)
+    fast[position].grad = fast[position].grad.view(GradArray)
+    opt.step()
+    ref_opt.step()
+    assert_same(opt, fast, ref_opt, ref)
+    fast[position].grad = fast[position].grad.tolist()
+    with pytest.raises(TypeError, match=re.escape(
+            f"param_groups[0]['params'][{position}]: grad must be a numpy array, but got list")):
+        opt.step()
