@@ -15,7 +15,7 @@ threads (_stage_range) while the calling thread holds the GIL.
 import numpy as np
 
 cimport numpy as cnp
-from cpython.dict cimport PyDict_Check, PyDict_GetItem
+from cpython.dict cimport PyDict_Check, PyDict_GetItem, PyDict_GetItemWithError
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.long cimport PyLong_AsDouble
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
@@ -203,7 +203,7 @@ cdef str _where_option(Py_ssize_t group_index, str key):
 
 
 cdef object _option(dict options, str key, Py_ssize_t group_index):
-    cdef PyObject *value = PyDict_GetItem(options, key)
+    cdef PyObject *value = PyDict_GetItemWithError(options, key)
     if value == NULL:
         raise KeyError(f"{_where_option(group_index, key)} is missing")
     return <object>value
