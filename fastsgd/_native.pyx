@@ -19,7 +19,7 @@ from cpython.dict cimport PyDict_Check, PyDict_GetItem, PyDict_GetItemWithError
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.long cimport PyLong_AsDouble
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
-from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
+from cpython.object cimport PyObject, PyTypeObject
 from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
                                PyThread_allocate_lock, PyThread_free_lock,
                                PyThread_release_lock, PyThread_type_lock)
@@ -66,7 +66,7 @@ cdef extern from "fastsgd.h" nogil:
     void fastsgd_stream(const fastsgd_impl *impl, int dtype, const fastsgd_tensor_list *list,
                         int serial)
     void fastsgd_norms(const fastsgd_impl *impl, int dtype, int64_t ntensors,
-                       void **arrays, const int64_t *sizes, double p, double *norms)
+                       const void **arrays, const int64_t *sizes, double p, double *norms)
     void fastsgd_scale(const fastsgd_impl *impl, int dtype, int64_t ntensors, void **arrays,
                        const int64_t *sizes, double coef)
     void fastsgd_clamp(const fastsgd_impl *impl, int dtype, int64_t ntensors, void **arrays,
@@ -316,14 +316,24 @@ cdef extern from "numpy/ndarraytypes.h":
 ctypedef PyArrayObject_fields *array_ptr
 
 cdef PyTypeObject *_NDARRAY = <PyTypeObject *>np.ndarray
+# The same objects as plain pointers, for functions that run without the GIL
+# (staging threads): reading them needs no reference.
+cdef PyTypeObject *_PARAMETER_TYPE = <PyTypeObject *>_PARAMETER
+cdef PyObject *_NONE = <PyObject *>None
+
+cdef extern from "Python.h":
+    # Py_TYPE and PyObject_TypeCheck on borrowed pointers: plain reads of an
+    # object and its type, which Cython lets run without the GIL.
+    PyTypeObject *_type_of "Py_TYPE"(PyObject *x) nogil
+    bint _type_check "PyObject_TypeCheck"(PyObject *x, PyTypeObject *t) nogil
 
 cdef int _DENSE = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_F_CONTIGUOUS
 
 
-cdef inline bint _is_float_array(PyObject *x, bint must_write) noexcept:
+cdef inline bint _is_float_array(PyObject *x, bint must_write) noexcept nogil:
     """Every rule _check_float_array enforces, without building messages."""
-    cdef PyTypeObject *t = Py_TYPE(<object>x)
-    if not (t == _NDARRAY or t == <PyTypeObject *>_PARAMETER or cnp.PyArray_Check(<object>x)):
+    cdef PyTypeObject *t = _type_of(x)
+    if not (t == _NDARRAY or t == _PARAMETER_TYPE or _type_check(x, _NDARRAY)):
         return False
     cdef array_ptr a = <array_ptr>x
     cdef int need = cnp.NPY_ARRAY_ALIGNED | (cnp.NPY_ARRAY_WRITEABLE if must_write else 0)
@@ -331,7 +341,7 @@ cdef inline bint _is_float_array(PyObject *x, bint must_write) noexcept:
             and (a.flags & need) == need and a.descr.byteorder != NPY_OPPBYTE)
 
 
-cdef inline bint _is_like(array_ptr p, PyObject *x, bint must_write) noexcept:
+cdef inline bint _is_like(array_ptr p, PyObject *x, bint must_write) noexcept nogil:
     """Every rule _check_like enforces, without building messages."""
     if not _is_float_array(x, must_write):
         return False
@@ -345,15 +355,15 @@ cdef inline bint _is_like(array_ptr p, PyObject *x, bint must_write) noexcept:
     return (a.flags & p.flags & _DENSE) != 0
 
 
-cdef inline bint _apart(array_ptr a, array_ptr b, Py_ssize_t nbytes) noexcept:
+cdef inline bint _apart(array_ptr a, array_ptr b, Py_ssize_t nbytes) noexcept nogil:
     return nbytes == 0 or a.data + nbytes <= b.data or b.data + nbytes <= a.data
 
 
-cdef inline Py_ssize_t _itemsize(array_ptr a) noexcept:
+cdef inline Py_ssize_t _itemsize(array_ptr a) noexcept nogil:
     return 4 if a.descr.type_num == cnp.NPY_FLOAT32 else 8
 
 
-cdef inline Py_ssize_t _size(array_ptr a) noexcept:
+cdef inline Py_ssize_t _size(array_ptr a) noexcept nogil:
     cdef Py_ssize_t n = 1
     cdef int d
     for d in range(a.nd):
@@ -361,7 +371,8 @@ cdef inline Py_ssize_t _size(array_ptr a) noexcept:
     return n
 
 
-cdef inline Py_ssize_t _steps_as_is(PyObject *param, PyObject *grad, PyObject *buf) noexcept:
+cdef inline Py_ssize_t _steps_as_is(PyObject *param, PyObject *grad,
+                                     PyObject *buf) noexcept nogil:
     """The number of elements of param when param, grad and buf (NULL
     without momentum) pass every rule of _explain_rejection (the fast path
     of every step), else -1."""
@@ -640,6 +651,7 @@ cdef class _Owners:
 # In a plan's buffer cache: "this parameter's state is not a ParamState, so
 # look its buffer up on every step".
 cdef object _LOOK_UP = object()
+cdef PyObject *_LOOK_UP_PTR = <PyObject *>_LOOK_UP
 
 
 cdef object _buffer_in_state(object state, object param, Py_ssize_t group_index,
@@ -662,19 +674,19 @@ cdef enum:
 
 
 cdef inline Py_ssize_t _steady_state(PyObject *param, PyObject *buf, bint with_momentum,
-                                     PyObject **grad) noexcept:
+                                     PyObject **grad) noexcept nogil:
     """The steady state of a step, on borrowed pointers and without calling
     into Python: param is a Parameter with a grad and, with momentum, a
     cached buffer `buf`, all passing every check.  Returns param's element
     count and sets *grad, or _NO_GRAD, or _SLOW."""
-    if Py_TYPE(<object>param) != <PyTypeObject *>_PARAMETER or _GRAD_OFFSET < 0:
+    if _type_of(param) != _PARAMETER_TYPE or _GRAD_OFFSET < 0:
         return _SLOW
     grad[0] = (<PyObject **>((<char *>param) + _GRAD_OFFSET))[0]
-    if grad[0] == <PyObject *>None:
+    if grad[0] == _NONE:
         return _NO_GRAD
     if grad[0] == NULL:
         return _SLOW
-    if with_momentum and (buf == <PyObject *>None or buf == <PyObject *>_LOOK_UP):
+    if with_momentum and (buf == _NONE or buf == _LOOK_UP_PTR):
         return _SLOW
     cdef Py_ssize_t size = _steps_as_is(param, grad[0], buf if with_momentum else NULL)
     return size if size >= 0 else _SLOW
@@ -689,10 +701,11 @@ cdef enum:
     _MIN_TENSORS_PER_STAGING_THREAD = 512
 
 
-cdef void _stage_range(void *job_, int64_t begin, int64_t end) noexcept:
+cdef void _stage_range(void *job_, int64_t begin, int64_t end) noexcept nogil:
     """_steady_state for positions [begin, end), on any thread while the
-    caller holds the GIL: it only reads objects and writes the job's
-    arrays, at the tensor's own position in the batch of its dtype."""
+    caller holds the GIL (so the objects stay still): it only reads objects
+    and writes the job's arrays, at the tensor's own position in the batch
+    of its dtype."""
     cdef _Staging *job = <_Staging *>job_
     cdef PyObject *param
     cdef PyObject *grad = NULL
@@ -902,10 +915,8 @@ cdef class _GroupPlan:
         job.results = self.staged
         self.f32.lend_arrays(&job, FASTSGD_F32)
         self.f64.lend_arrays(&job, FASTSGD_F64)
-        # (_stage_range reads objects through Cython's object casts, which
-        # compile to plain loads there: nothing in it needs the GIL.)
-        if fastsgd_parallel_ranges(n, _MIN_TENSORS_PER_STAGING_THREAD,
-                                   <fastsgd_range_fn>_stage_range, &job) <= 1:
+        if fastsgd_parallel_ranges(n, _MIN_TENSORS_PER_STAGING_THREAD, _stage_range,
+                                   &job) <= 1:
             return False
         # In order, on this thread: no Python code has run since the
         # threads read the grads, so each is still there to be held.
@@ -1141,10 +1152,10 @@ def grad_norms(list grads, list positions, double p):
     cdef cnp.ndarray[double] norms64 = np.empty(lists.f64.count)
     cdef const fastsgd_impl *impl = _impl
     with nogil:
-        fastsgd_norms(impl, FASTSGD_F32, lists.f32.count, lists.f32.params, lists.f32.sizes,
-                      p, <double *>cnp.PyArray_DATA(norms32))
-        fastsgd_norms(impl, FASTSGD_F64, lists.f64.count, lists.f64.params, lists.f64.sizes,
-                      p, <double *>cnp.PyArray_DATA(norms64))
+        fastsgd_norms(impl, FASTSGD_F32, lists.f32.count, <const void **>lists.f32.params,
+                      lists.f32.sizes, p, <double *>cnp.PyArray_DATA(norms32))
+        fastsgd_norms(impl, FASTSGD_F64, lists.f64.count, <const void **>lists.f64.params,
+                      lists.f64.sizes, p, <double *>cnp.PyArray_DATA(norms64))
     norms = np.empty(len(grads))
     norms[lists.positions32] = norms32
     norms[lists.positions64] = norms64
