@@ -740,6 +740,7 @@ cdef class _GroupPlan:
     cdef fastsgd_sgd_hyper hyper
     cdef bint with_momentum
     cdef bint serial  # some tensors share memory: step them in order, on one thread
+    cdef bint looks_up_buffers  # some buffers are read from the state every step
     cdef Py_ssize_t cross_dtype_alias  # a param sharing memory with one of the other dtype, or -1
     cdef _Owners owners  # of the memory of the params and buffers serial was decided on
     cdef _Batch f32
@@ -858,7 +859,8 @@ cdef class _GroupPlan:
         # here: the group then steps in order.
         looked_up = [b is _LOOK_UP for b in buffers]
         arrays = params + [b for b, dynamic in zip(buffers, looked_up) if not dynamic]
-        self.serial = any(looked_up) or _any_overlap(arrays)
+        self.looks_up_buffers = any(looked_up)
+        self.serial = self.looks_up_buffers or _any_overlap(arrays)
         self.owners.fill(arrays)
         self.cross_dtype_alias = _first_overlap_across_dtypes(params)
         return 0
@@ -884,7 +886,10 @@ cdef class _GroupPlan:
                 f"their order: put them in different groups or stop sharing the memory")
         cdef Py_ssize_t i, n = PyList_GET_SIZE(params)
         self.reset(n)
-        if n >= 2 * _MIN_TENSORS_PER_STAGING_THREAD and self.stage_in_parallel(params):
+        # A looked-up buffer is never in the steady state: staging threads
+        # would hand such a group back every step.
+        if (n >= 2 * _MIN_TENSORS_PER_STAGING_THREAD and not self.looks_up_buffers
+                and self.stage_in_parallel(params)):
             return 0
         cdef PyObject *param
         cdef PyObject *grad = NULL
