@@ -115,13 +115,20 @@ static void run_span(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hype
     }
 }
 
+/* As many threads as may run, but no more than have `per_thread` of the
+ * `work` each (at least one). */
+static int threads_with_at_least(int64_t work, int64_t per_thread)
+{
+    const int64_t wanted = work / (per_thread > 0 ? per_thread : 1);
+    const int max_threads = fastsgd_get_num_threads();
+    return wanted < 1 ? 1 : wanted > max_threads ? max_threads : (int)wanted;
+}
+
 int fastsgd_threads_for(int dtype, int64_t total, int with_buffers)
 {
     /* param, grad read and param written; buffer read and written */
     const int64_t bytes = total * (int64_t)elem_size(dtype) * (with_buffers ? 5 : 3);
-    const int64_t wanted = bytes / parallel_min_bytes_per_thread;
-    const int max_threads = fastsgd_get_num_threads();
-    return wanted < 1 ? 1 : wanted > max_threads ? max_threads : (int)wanted;
+    return threads_with_at_least(bytes, parallel_min_bytes_per_thread);
 }
 
 static void run(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
@@ -181,9 +188,7 @@ void fastsgd_clamp(const fastsgd_impl *impl, int dtype, int64_t ntensors, void *
 
 int fastsgd_parallel_ranges(int64_t n, int64_t min_per_thread, fastsgd_range_fn fn, void *ctx)
 {
-    int64_t wanted = n / (min_per_thread > 0 ? min_per_thread : 1);
-    const int max_threads = fastsgd_get_num_threads();
-    const int nthreads = wanted < 1 ? 1 : wanted > max_threads ? max_threads : (int)wanted;
+    const int nthreads = threads_with_at_least(n, min_per_thread);
     if (nthreads <= 1)
         return 1;
 #ifdef _OPENMP
