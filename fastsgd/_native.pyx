@@ -451,6 +451,12 @@ cdef class _Batch:
     # while the owners checked against stay the same (owners_fills).
     cdef void **clean_grads
     cdef Py_ssize_t clean_fills
+    # Whether some grad may alias, if take() checked each as it held it
+    # (the grad is in cache then), else -1.
+    cdef int grads_alias
+
+    def __cinit__(self):
+        self.grads_alias = -1
 
     def __dealloc__(self):
         self.clear()
@@ -501,9 +507,10 @@ cdef class _Batch:
         job.sizes[dtype] = self.sizes
         job.held[dtype] = self.held
 
-    cdef inline void take(self, Py_ssize_t i) noexcept:
+    cdef inline void take(self, Py_ssize_t i, _Owners owners) noexcept:
         """Add the tensor that _stage_range wrote at position i >= count (its
-        grad not yet held)."""
+        grad not yet held), checking its grad against the owners for
+        grads_may_alias."""
         cdef Py_ssize_t c = self.count
         if c != i:
             self.params[c] = self.params[i]
@@ -514,42 +521,63 @@ cdef class _Batch:
         self.held[2 * c + 1] = NULL  # the cached buffers list keeps the buffer
         self.buf_is_new[c] = False
         Py_XINCREF(self.held[2 * c])
+        if self.grads_alias == 0:
+            self.grads_alias = self.grad_may_alias(c, owners)
         self.count = c + 1
+
+    cdef void start_taking(self, _Owners owners) noexcept:
+        """Before the take() calls of a step."""
+        self.sync_clean_grads(owners)
+        self.grads_alias = 0
 
     cdef void clear(self) noexcept:
         cdef Py_ssize_t i
         for i in range(2 * self.count):
             Py_XDECREF(self.held[i])
         self.count = 0
+        self.grads_alias = -1
+
+    cdef inline void sync_clean_grads(self, _Owners owners) noexcept:
+        if self.clean_fills != owners.fills:
+            memset(self.clean_grads, 0, 2 * self.capacity * sizeof(void *))
+            self.clean_fills = owners.fills
+
+    cdef inline bint grad_may_alias(self, Py_ssize_t i, _Owners owners) noexcept:
+        """Whether entry i's grad may share memory with a parameter or buffer
+        of the group other than its own parameter."""
+        cdef array_ptr grad = <array_ptr>self.held[2 * i]
+        if grad.data == self.params[i]:
+            return False  # its own parameter
+        if (self.clean_grads[2 * i] == <void *>grad
+                and self.clean_grads[2 * i + 1] == <void *>grad.data
+                and grad.base == NULL):
+            return False  # an owner then, it is not one of the owners now
+        if owners.has(_owner(<PyObject *>grad)):
+            return True
+        if grad.base == NULL:
+            self.clean_grads[2 * i] = <void *>grad
+            self.clean_grads[2 * i + 1] = <void *>grad.data
+        return False
 
     cdef bint grads_may_alias(self, _Owners owners, bint with_buffers, int dtype) noexcept:
         """Whether a step of this batch on several threads could read a grad
         that another tensor's step writes (a grad sharing memory with another
         parameter or momentum buffer of the group).  Checked only when the
         step would use several threads."""
+        if self.grads_alias == 0:
+            return False
         cdef Py_ssize_t i
         cdef int64_t total = 0
         for i in range(self.count):
             total += self.sizes[i]
         if fastsgd_threads_for(dtype, total, with_buffers) < 2:
             return False
-        if self.clean_fills != owners.fills:
-            memset(self.clean_grads, 0, 2 * self.capacity * sizeof(void *))
-            self.clean_fills = owners.fills
-        cdef array_ptr grad
+        if self.grads_alias == 1:
+            return True
+        self.sync_clean_grads(owners)
         for i in range(self.count):
-            grad = <array_ptr>self.held[2 * i]
-            if grad.data == self.params[i]:
-                continue  # its own parameter
-            if (self.clean_grads[2 * i] == <void *>grad
-                    and self.clean_grads[2 * i + 1] == <void *>grad.data
-                    and grad.base == NULL):
-                continue  # an owner then, it is not one of the owners now
-            if owners.has(_owner(<PyObject *>grad)):
+            if self.grad_may_alias(i, owners):
                 return True
-            if grad.base == NULL:
-                self.clean_grads[2 * i] = <void *>grad
-                self.clean_grads[2 * i + 1] = <void *>grad.data
         return False
 
     cdef fastsgd_tensor_list as_list(self, bint with_buffers) noexcept nogil:
@@ -926,10 +954,12 @@ cdef class _GroupPlan:
         # In order, on this thread: no Python code has run since the
         # threads read the grads, so each is still there to be held.
         cdef int64_t result
+        self.f32.start_taking(self.owners)
+        self.f64.start_taking(self.owners)
         for i in range(n):
             result = self.staged[i]
             if result >= 0:
-                (self.f64 if result & 1 else self.f32).take(i)
+                (self.f64 if result & 1 else self.f32).take(i, self.owners)
             elif result == _SLOW:
                 self.f32.clear()
                 self.f64.clear()

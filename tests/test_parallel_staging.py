@@ -155,3 +155,28 @@ def test_odd_grads_read_by_a_staging_thread_are_refused_or_stepped_like_the_refe
     with pytest.raises(TypeError, match=re.escape(
             f"param_groups[0]['params'][{position}]: grad must be a numpy array, but got list")):
         opt.step()
+
+
+@pytest.mark.parametrize("source", ["parameter", "momentum buffer"])
+def test_a_grad_that_is_another_tensors_memory_is_read_in_order(source):
+    """Tensor `cut` starts the second thread's span; its grad is what the
+    first thread writes last.  Read in the group's order, as torch does, it
+    is the updated value; a concurrent read would find the old one."""
+    count, cut = 2048, 1024
+    rng = np.random.default_rng(6)
+    values = [rng.standard_normal(256).astype(np.float32) for _ in range(count)]
+    fast = [fastsgd.Parameter(v.copy()) for v in values]
+    ref = [fastsgd.Parameter(v.copy()) for v in values]
+    opt, ref_opt = fastsgd.SGD(fast, **OPTIONS), reference.SGD(ref, **OPTIONS)
+    for step in range(3):
+        set_grads(rng, fast, ref)
+        if step:  # the buffers exist from the first step on
+            for o, params in ((opt, fast), (ref_opt, ref)):
+                earlier = params[cut - 1]
+                memory = earlier if source == "parameter" else o.state[earlier]["momentum_buffer"]
+                params[cut].grad = memory.view(np.ndarray)
+        before = _native.parallel_staging_count()
+        opt.step()
+        assert _native.parallel_staging_count() == before + (step > 0)
+        ref_opt.step()
+        assert_same(opt, fast, ref_opt, ref)
