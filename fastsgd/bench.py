@@ -187,6 +187,27 @@ class CacheFlush:
         np.add(self.array, 1.0, out=self.array)
 
 
+def cpu_ticks():
+    """(steal, total) CPU time so far, in ticks, from Linux's /proc/stat, or
+    None.  Steal is time this virtual machine was ready to run but the host
+    ran something else: while it is high, every peer slows down, and more
+    so the short steps."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        ticks = [int(x) for x in fields[1:9]]  # user ... steal (guest is inside user)
+    except (OSError, ValueError):
+        return None
+    return (ticks[7], sum(ticks)) if fields[:1] == ["cpu"] and len(ticks) == 8 else None
+
+
+def steal_share(before, after):
+    """The share of CPU time the host stole between two cpu_ticks(), or None."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def _step_once(step):
     """Before a warm sample: what the peer's own previous step leaves in cache."""
     step()
@@ -236,6 +257,7 @@ def run(workloads=None, threads=(1, 2), peers=None, budget_s=0.5, progress=sys.s
                 flush = CacheFlush()
             before_sample = flush if state == "cold" else _step_once
             model = Model(*_model(workload))
+            ticks = cpu_ticks()
             steps = {p: PEERS[p](workload, t, model) for p in peers}
             steps = {p: s for p, s in steps.items() if s is not None}
             together = [p for p in steps if p not in _SLOW_PEERS]
@@ -246,11 +268,15 @@ def run(workloads=None, threads=(1, 2), peers=None, budget_s=0.5, progress=sys.s
                     seconds[p] = measure_together([steps[p]], budget_s, min_rounds=3,
                                                   before_sample=before_sample)[0]
             del steps, model
+            steal = steal_share(ticks, cpu_ticks())
             for p, sec in seconds.items():
                 results.append({"workload": workload.name, "peer": p, "threads": t, "cache": state,
-                                "seconds": sec, "gb_per_s": workload.bytes_per_step / sec / 1e9})
+                                "seconds": sec, "gb_per_s": workload.bytes_per_step / sec / 1e9,
+                                "host_steal": steal})
             if progress:
                 summary = ", ".join(f"{p} {_format_time(sec)}" for p, sec in seconds.items())
+                if steal is not None:
+                    summary += f" (host steal {100 * steal:.0f}%)"
                 print(f"[{k}/{len(groups)}] {workload.name} {t}T: {summary}", file=progress,
                       flush=True)
     finally:

@@ -31,6 +31,8 @@ def test_bench_command_prints_a_table_and_writes_json_and_a_chart(tmp_path):
     peers = {r["peer"] for r in data["results"]}
     assert {"fastsgd", "roofline", "reference"} <= peers
     assert all(r["seconds"] > 0 and r["gb_per_s"] > 0 for r in data["results"])
+    if bench.cpu_ticks() is not None:  # Linux: the host's share of the run is recorded
+        assert all(0 <= r["host_steal"] <= 1 for r in data["results"])
     assert data["machine"]["kernel"] == fastsgd.cpu_capability()
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -96,3 +98,9 @@ def test_the_limits_table_sets_fastsgd_scaling_beside_the_rooflines():
     # at best: 4 / (2 + (4 - 3) / 2)
     assert lines[2] == "| W2 | 1.25 | 1.60 | 1.50 | 10.00 | 5.00 |"
     assert bench.limits_table([r for r in results if r["threads"] == 1]) == ""
+
+
+def test_steal_share_is_the_stolen_part_of_the_cpu_time_between_two_readings():
+    assert bench.steal_share((10, 1000), (60, 1200)) == 0.25
+    assert bench.steal_share(None, (60, 1200)) is None
+    assert bench.steal_share((10, 1000), (10, 1000)) is None  # no time passed
