@@ -107,8 +107,9 @@ def main(argv=None):
                            help="W1 ... W6 (default: all)")
     bench_cmd.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     bench_cmd.add_argument("--peers", nargs="+", metavar="PEER",
-                           help="fastsgd, roofline, 'torch for-loop', 'torch foreach', "
-                                "'torch fused', reference (default: all)")
+                           help="fastsgd, roofline, 'roofline reading objects', "
+                                "'torch for-loop', 'torch foreach', 'torch fused', reference "
+                                "(default: all)")
     bench_cmd.add_argument("--budget", type=float, default=0.5,
                            help="seconds of timing per measurement (default 0.5)")
     bench_cmd.add_argument("--json", default="fastsgd-bench.json",

@@ -1127,11 +1127,21 @@ def sgd(params, grads, momentum_buffers, dict options):
 cdef class Roofline:
     """The roofline of a step: the C streaming loop with the same reads and
     writes per element as SGD over these arrays, split over threads the same
-    way.  Calling it runs one pass; it writes into params and buffers."""
+    way.  Calling it runs one pass; it writes into params and buffers.
+
+    With read_objects, each pass first finds the arrays from the Python
+    objects, as a step must: each parameter's grad from its slot, and the
+    data and shape of the parameter, its grad and its buffer (a pass covers
+    the fewest elements of the three, so that it never runs past an array).
+    It checks nothing else, so it is the least a step of Python arrays costs:
+    the objects' memory sits apart from the arrays and is read cold after a
+    backward pass.  It needs Parameters of one dtype, each with a grad."""
     cdef _GroupPlan plan
     cdef list params  # the batches point into them
+    cdef list buffers  # None without momentum
+    cdef _Batch objects_batch  # the batch read_objects rewrites, else None
 
-    def __init__(self, params, grads, momentum_buffers):
+    def __init__(self, params, grads, momentum_buffers, read_objects=False):
         self.params = list(params)
         self.plan = _GroupPlan()
         options = {"lr": 0.0, "momentum": 1.0 if momentum_buffers else 0.0,
@@ -1141,9 +1151,44 @@ cdef class Roofline:
                                 list(momentum_buffers) or [None] * len(self.params), options)
         if self.plan.new_buffers:
             raise ValueError("the roofline needs existing momentum buffers")
+        if not read_objects:
+            return
+        if not (_GRAD_OFFSET >= 0 and all(type(p) is _PARAMETER for p in self.params)
+                and len({p.dtype for p in self.params}) <= 1
+                and all(p.grad is g for p, g in zip(self.params, grads))):
+            raise ValueError("reading objects needs Parameters of one dtype whose .grad "
+                             "are the grads given")
+        self.buffers = list(momentum_buffers) or None
+        self.objects_batch = self.plan.f64 if self.plan.f64.count else self.plan.f32
 
     def __call__(self):
+        if self.objects_batch is not None:
+            self.read_objects()
         self.plan.run(True)
+
+    cdef int read_objects(self) except -1:
+        cdef _Batch batch = self.objects_batch
+        cdef PyObject **params = (<PyListObject *>self.params).ob_item
+        cdef PyObject **buffers = (NULL if self.buffers is None
+                                   else (<PyListObject *>self.buffers).ob_item)
+        cdef PyObject *grad
+        cdef array_ptr param
+        cdef array_ptr buf
+        cdef Py_ssize_t i, size
+        for i in range(batch.count):
+            param = <array_ptr>params[i]
+            grad = (<PyObject **>((<char *>param) + _GRAD_OFFSET))[0]
+            if grad != batch.held[2 * i]:  # only the grads it holds are safe to read
+                raise ValueError(f"params[{i}].grad changed since the roofline was made")
+            size = min(_size(param), _size(<array_ptr>grad))
+            batch.params[i] = param.data
+            batch.grads[i] = (<array_ptr>grad).data
+            if buffers != NULL:
+                buf = <array_ptr>buffers[i]
+                size = min(size, _size(buf))
+                batch.bufs[i] = buf.data
+            batch.sizes[i] = size
+        return 0
 
 
 # ------------------------------------------------------------ grad clipping

@@ -113,7 +113,7 @@ def _reference_step(workload, threads, model):
     return _fastsgd_step(workload, 1, copied, reference.SGD)
 
 
-def _roofline_step(workload, threads, model):
+def _roofline_step(workload, threads, model, read_objects=False):
     fastsgd.set_num_threads(threads)
     opt = model.fastsgd_optimizer
     if opt is not None:
@@ -121,8 +121,14 @@ def _roofline_step(workload, threads, model):
         buffers = [opt.state[p]["momentum_buffer"] for p in params] if opt.state else []
     else:
         params = [fastsgd.Parameter(v) for v in model.values]
+        for p, g in zip(params, model.grads):
+            p.grad = g
         buffers = [np.zeros_like(v) for v in model.values] if workload.options["momentum"] else []
-    return _native.Roofline(params, model.grads, buffers)
+    return _native.Roofline(params, model.grads, buffers, read_objects)
+
+
+def _objects_roofline_step(workload, threads, model):
+    return _roofline_step(workload, threads, model, read_objects=True)
 
 
 def _torch_step(mode):
@@ -145,6 +151,7 @@ def _torch_step(mode):
 PEERS = {
     "fastsgd": _fastsgd_step,
     "roofline": _roofline_step,
+    "roofline reading objects": _objects_roofline_step,
     "torch for-loop": _torch_step(None),
     "torch foreach": _torch_step("foreach"),
     "torch fused": _torch_step("fused"),
@@ -293,10 +300,11 @@ def _format_time(seconds):
 def table(results):
     """The results as a markdown table: fastsgd's time, bandwidth and its
     ratio to each peer (peer time / fastsgd time; > 1 means fastsgd is faster),
-    and the share of the roofline it reaches."""
+    and the share of each roofline it reaches."""
     by_key = {(r["workload"], r["peer"], r["threads"]): r["seconds"] for r in results}
-    peers = [p for p in PEERS if p not in ("fastsgd", "roofline")]
-    header = (["workload", "threads", "fastsgd", "GB/s", "% of roofline"]
+    rooflines = [p for p in PEERS if p.startswith("roofline")]
+    peers = [p for p in PEERS if p != "fastsgd" and p not in rooflines]
+    header = (["workload", "threads", "fastsgd", "GB/s"] + [f"% of {p}" for p in rooflines]
               + [f"x vs {p}" for p in peers])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     described = {w.name: w for w in WORKLOADS}
@@ -304,9 +312,11 @@ def table(results):
         if r["peer"] != "fastsgd":
             continue
         w, t, mine = r["workload"], r["threads"], r["seconds"]
-        roof = by_key.get((w, "roofline", t))
         cells = [f"{w} {described[w].description}", str(t), _format_time(mine),
-                 f"{r['gb_per_s']:.1f}", f"{100 * roof / mine:.0f}%" if roof else "-"]
+                 f"{r['gb_per_s']:.1f}"]
+        for p in rooflines:
+            roof = by_key.get((w, p, t))
+            cells.append(f"{100 * roof / mine:.0f}%" if roof else "-")
         for p in peers:
             other = by_key.get((w, p, t)) or by_key.get((w, p, 1) if p == "reference" else None)
             cells.append(f"{other / mine:.2f}" if other else "-")
@@ -318,7 +328,8 @@ def limits_table(results):
     """What the memory bus allows, from the same run: how much faster 2
     threads are than 1 for fastsgd and for the roofline, and how much faster
     the roofline is than torch fused (no step with the same traffic can beat
-    either ratio by much).  Empty unless the run has 1 and 2 threads.
+    either ratio by much), also when it reads the objects as a step must.
+    Empty unless the run has 1 and 2 threads.
 
     "at best" bounds fastsgd's own scaling: a step checks every tensor
     before it writes any, so its work beyond streaming the arrays (its
@@ -328,17 +339,21 @@ def limits_table(results):
     by_key = {(r["workload"], r["peer"], r["threads"]): r["seconds"] for r in results}
     lines = ["| workload | fastsgd, 2 threads vs 1 | fastsgd, 2 threads vs 1, at best "
              "| roofline, 2 threads vs 1 "
-             "| roofline vs torch fused, 1 thread | roofline vs torch fused, 2 threads |",
-             "|---|---|---|---|---|---|"]
+             "| roofline vs torch fused, 1 thread | roofline vs torch fused, 2 threads "
+             "| roofline reading objects vs torch fused, 1 thread "
+             "| roofline reading objects vs torch fused, 2 threads |",
+             "|---|---|---|---|---|---|---|---|"]
     for w in WORKLOADS:
         one, two = by_key.get((w.name, "fastsgd", 1)), by_key.get((w.name, "fastsgd", 2))
         roof1, roof2 = by_key.get((w.name, "roofline", 1)), by_key.get((w.name, "roofline", 2))
         if not (one and two and roof1 and roof2):
             continue
         at_best = one / (roof2 + max(one - roof1, 0.0) / 2)
-        fused = [by_key.get((w.name, "torch fused", t)) for t in (1, 2)]
         cells = [w.name, f"{one / two:.2f}", f"{at_best:.2f}", f"{roof1 / roof2:.2f}"]
-        cells += [f"{f / r:.2f}" if f else "-" for f, r in zip(fused, (roof1, roof2))]
+        for roofline in ("roofline", "roofline reading objects"):
+            for t in (1, 2):
+                fused, roof = (by_key.get((w.name, p, t)) for p in ("torch fused", roofline))
+                cells.append(f"{fused / roof:.2f}" if fused and roof else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 

@@ -1,12 +1,14 @@
 """The benchmark command runs and reports what it measured (no timing is
 asserted: speed lives in benchmarks/)."""
 import json
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import fastsgd
 from fastsgd import bench
@@ -46,6 +48,34 @@ def test_roofline_makes_the_same_traffic_as_a_step():
     roofline = fastsgd._native.Roofline([p], [g], [b])
     roofline()
     assert np.all(b == 3.0) and np.all(p == 3.0)
+
+
+def test_the_roofline_reading_objects_finds_the_arrays_from_the_objects_each_pass():
+    params = [fastsgd.Parameter(np.zeros(n, np.float32)) for n in (3, 1000)]
+    grads = [np.full(p.shape, 2.0, np.float32) for p in params]
+    bufs = [np.ones(p.shape, np.float32) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    roofline = fastsgd._native.Roofline(params, grads, bufs, read_objects=True)
+    roofline()
+    assert all(np.all(b == 3.0) and np.all(p == 3.0) for p, b in zip(params, bufs))
+    # It reads the grad each pass, and refuses one it does not hold.
+    params[1].grad = np.zeros(1000, np.float32)
+    with pytest.raises(ValueError, match=re.escape("params[1].grad changed")):
+        roofline()
+    assert np.all(params[1] == 3.0)
+
+
+def test_the_roofline_reading_objects_needs_parameters_of_one_dtype_with_their_grads():
+    p32, p64 = fastsgd.Parameter(np.zeros(4, np.float32)), fastsgd.Parameter(np.zeros(4))
+    g32, g64 = np.ones(4, np.float32), np.ones(4)
+    p32.grad, p64.grad = g32, g64
+    refused = [([p32, p64], [g32, g64]),  # two dtypes
+               ([p32], [g32.copy()]),  # not the parameter's grad
+               ([np.zeros(4, np.float32)], [g32])]  # not a Parameter
+    for params, grads in refused:
+        with pytest.raises(ValueError, match="reading objects needs Parameters"):
+            fastsgd._native.Roofline(params, grads, [], read_objects=True)
 
 
 def test_every_sample_starts_after_the_flush():
@@ -91,12 +121,13 @@ def test_the_pytest_benchmark_suite_runs():
 
 def test_the_limits_table_sets_fastsgd_scaling_beside_the_rooflines():
     seconds = {("fastsgd", 1): 4.0, ("fastsgd", 2): 3.2, ("roofline", 1): 3.0,
-               ("roofline", 2): 2.0, ("torch fused", 1): 30.0, ("torch fused", 2): 10.0}
+               ("roofline", 2): 2.0, ("torch fused", 1): 30.0, ("torch fused", 2): 10.0,
+               ("roofline reading objects", 1): 3.75, ("roofline reading objects", 2): 2.5}
     results = [{"workload": "W2", "peer": p, "threads": t, "seconds": s}
                for (p, t), s in seconds.items()]
     lines = bench.limits_table(results).splitlines()
     # at best: 4 / (2 + (4 - 3) / 2)
-    assert lines[2] == "| W2 | 1.25 | 1.60 | 1.50 | 10.00 | 5.00 |"
+    assert lines[2] == "| W2 | 1.25 | 1.60 | 1.50 | 10.00 | 5.00 | 8.00 | 4.00 |"
     assert bench.limits_table([r for r in results if r["threads"] == 1]) == ""
 
 
