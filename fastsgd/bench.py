@@ -220,13 +220,16 @@ def _step_once(step):
     step()
 
 
-def measure_together(steps, budget_s, min_rounds=5, max_rounds=200, before_sample=None):
+def measure_together(steps, budget_s, min_rounds=9, max_rounds=200, before_sample=None):
     """Median seconds per call of each step, sampled in turns.
 
     The machine's speed drifts (other tenants, memory bandwidth, clocks), so
     the peers are timed round-robin, one sample each per round, and every
-    ratio compares samples taken side by side.  before_sample(step), if
-    given, runs untimed before every sample of step."""
+    ratio compares samples taken side by side.  Even a round slower than
+    the budget runs min_rounds times: on a VM whose speed swings by a third
+    within seconds, a median of 5 (W3's, at 0.5 s) moved fastsgd's share of
+    the roofline by 5 points between runs.  before_sample(step), if given,
+    runs untimed before every sample of step."""
     batches, firsts = zip(*(_calls_per_sample(step) for step in steps))
     per_round = sum(b * f for b, f in zip(batches, firsts))
     rounds = int(min(max_rounds, max(min_rounds, budget_s * len(steps) / max(per_round, 1e-9))))
