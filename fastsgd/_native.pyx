@@ -1133,9 +1133,10 @@ cdef class Roofline:
     objects, as a step must: each parameter's grad from its slot, and the
     data and shape of the parameter, its grad and its buffer (a pass covers
     the fewest elements of the three, so that it never runs past an array).
-    It checks nothing else, so it is the least a step of Python arrays costs:
-    the objects' memory sits apart from the arrays and is read cold after a
-    backward pass.  It needs Parameters of one dtype, each with a grad."""
+    It checks nothing else, and reads on as many threads as a step stages
+    on, so it is the least a step of Python arrays costs: the objects sit
+    apart from the arrays and are read cold after a backward pass.  It needs
+    Parameters of one dtype whose grads stay the ones it was made with."""
     cdef _GroupPlan plan
     cdef list params  # the batches point into them
     cdef list buffers  # None without momentum
@@ -1168,27 +1169,48 @@ cdef class Roofline:
 
     cdef int read_objects(self) except -1:
         cdef _Batch batch = self.objects_batch
-        cdef PyObject **params = (<PyListObject *>self.params).ob_item
-        cdef PyObject **buffers = (NULL if self.buffers is None
-                                   else (<PyListObject *>self.buffers).ob_item)
-        cdef PyObject *grad
-        cdef array_ptr param
-        cdef array_ptr buf
-        cdef Py_ssize_t i, size
-        for i in range(batch.count):
-            param = <array_ptr>params[i]
-            grad = (<PyObject **>((<char *>param) + _GRAD_OFFSET))[0]
-            if grad != batch.held[2 * i]:  # only the grads it holds are safe to read
+        cdef _Staging job
+        job.params = (<PyListObject *>self.params).ob_item
+        job.buffers = NULL if self.buffers is None else (<PyListObject *>self.buffers).ob_item
+        job.results = self.plan.staged
+        batch.lend_arrays(&job, FASTSGD_F64 if batch is self.plan.f64 else FASTSGD_F32)
+        cdef Py_ssize_t i, n = batch.count
+        # on as many threads as a step would stage these tensors on
+        if fastsgd_parallel_ranges(n, _MIN_TENSORS_PER_STAGING_THREAD, _read_objects,
+                                   &job) <= 1:
+            _read_objects(&job, 0, n)
+        for i in range(n):
+            if job.results[i] < 0:
                 raise ValueError(f"params[{i}].grad changed since the roofline was made")
-            size = min(_size(param), _size(<array_ptr>grad))
-            batch.params[i] = param.data
-            batch.grads[i] = (<array_ptr>grad).data
-            if buffers != NULL:
-                buf = <array_ptr>buffers[i]
-                size = min(size, _size(buf))
-                batch.bufs[i] = buf.data
-            batch.sizes[i] = size
         return 0
+
+
+cdef void _read_objects(void *job_, int64_t begin, int64_t end) noexcept nogil:
+    """Roofline.read_objects for positions [begin, end), on any thread while
+    the caller holds the GIL.  Refuses (results[i] = -1) a grad other than
+    the one the batch holds: only that one is safe to read."""
+    cdef _Staging *job = <_Staging *>job_
+    cdef array_ptr param
+    cdef array_ptr buf
+    cdef PyObject *grad
+    cdef int64_t i, size
+    cdef int dtype
+    for i in range(begin, end):
+        param = <array_ptr>job.params[i]
+        dtype = FASTSGD_F32 if param.descr.type_num == cnp.NPY_FLOAT32 else FASTSGD_F64
+        grad = (<PyObject **>((<char *>param) + _GRAD_OFFSET))[0]
+        if grad != job.held[dtype][2 * i]:
+            job.results[i] = -1
+            continue
+        job.results[i] = 0
+        size = min(_size(param), _size(<array_ptr>grad))
+        job.params_data[dtype][i] = param.data
+        job.grads_data[dtype][i] = (<array_ptr>grad).data
+        if job.buffers != NULL:
+            buf = <array_ptr>job.buffers[i]
+            size = min(size, _size(buf))
+            job.bufs_data[dtype][i] = buf.data
+        job.sizes[dtype][i] = size
 
 
 # ------------------------------------------------------------ grad clipping

@@ -50,20 +50,26 @@ def test_roofline_makes_the_same_traffic_as_a_step():
     assert np.all(b == 3.0) and np.all(p == 3.0)
 
 
-def test_the_roofline_reading_objects_finds_the_arrays_from_the_objects_each_pass():
-    params = [fastsgd.Parameter(np.zeros(n, np.float32)) for n in (3, 1000)]
-    grads = [np.full(p.shape, 2.0, np.float32) for p in params]
-    bufs = [np.ones(p.shape, np.float32) for p in params]
-    for p, g in zip(params, grads):
-        p.grad = g
-    roofline = fastsgd._native.Roofline(params, grads, bufs, read_objects=True)
-    roofline()
-    assert all(np.all(b == 3.0) and np.all(p == 3.0) for p, b in zip(params, bufs))
-    # It reads the grad each pass, and refuses one it does not hold.
-    params[1].grad = np.zeros(1000, np.float32)
-    with pytest.raises(ValueError, match=re.escape("params[1].grad changed")):
+@pytest.mark.parametrize("count", [2, 2048], ids=["on the calling thread", "on 2 threads"])
+def test_the_roofline_reading_objects_finds_the_arrays_from_the_objects_each_pass(count):
+    before = fastsgd.get_num_threads()
+    fastsgd.set_num_threads(2)
+    try:
+        params = [fastsgd.Parameter(np.zeros(3 + i % 5, np.float32)) for i in range(count)]
+        grads = [np.full(p.shape, 2.0, np.float32) for p in params]
+        bufs = [np.ones(p.shape, np.float32) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g
+        roofline = fastsgd._native.Roofline(params, grads, bufs, read_objects=True)
         roofline()
-    assert np.all(params[1] == 3.0)
+        assert all(np.all(b == 3.0) and np.all(p == 3.0) for p, b in zip(params, bufs))
+        # It reads the grads each pass, and refuses one it does not hold.
+        params[-1].grad = params[-1].grad.copy()
+        with pytest.raises(ValueError, match=re.escape(f"params[{count - 1}].grad changed")):
+            roofline()
+        assert all(np.all(p == 3.0) for p in params)
+    finally:
+        fastsgd.set_num_threads(before)
 
 
 def test_the_roofline_reading_objects_needs_parameters_of_one_dtype_with_their_grads():

@@ -1,6 +1,6 @@
 """Runs every path of the native step (each kernel the CPU and valgrind run, both
 dtypes, first and later steps, missing grads, rejections, looked-up buffers,
-the functional API, the roofline, gradient clipping and a group staged on two
+the functional API, the rooflines, gradient clipping and a group staged on two
 threads) for the memory checkers in
 tests/test_memory_checkers.py."""
 import numpy as np
@@ -62,5 +62,15 @@ for bad in (3, 1100):
     many[bad].grad = np.ones_like(many[bad], subok=False)
 opt.state[many[7]] = {"momentum_buffer": np.zeros_like(many[7], subok=False)}
 opt.step()
+# The roofline reading objects, on 2 threads, and refusing a changed grad.
+same_dtype = [p for p in many if p.dtype == np.float32]
+roofline = _native.Roofline(same_dtype, [p.grad for p in same_dtype],
+                            [opt.state[p]["momentum_buffer"] for p in same_dtype], True)
+roofline()
+same_dtype[-1].grad = same_dtype[-1].grad.copy()
+try:
+    roofline()
+except ValueError:
+    pass
 assert _native.parallel_staging_count() > 0 or not fastsgd.has_openmp()
 print("memcheck drive done")
