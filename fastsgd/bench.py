@@ -225,23 +225,27 @@ def measure_together(steps, budget_s, min_rounds=9, max_rounds=200, before_sampl
 
     The machine's speed drifts (other tenants, memory bandwidth, clocks), so
     the peers are timed round-robin, one sample each per round, and every
-    ratio compares samples taken side by side.  Even a round slower than
-    the budget runs min_rounds times: on a VM whose speed swings by a third
-    within seconds, a median of 5 (W3's, at 0.5 s) moved fastsgd's share of
-    the roofline by 5 points between runs.  before_sample(step), if given,
-    runs untimed before every sample of step."""
+    ratio compares samples taken side by side.  Each round starts one peer
+    further on, so that no peer always runs right after the same one (in one
+    comparison on W3, a step right after torch fused was 3% slower than
+    right after fastsgd).  A round slower than the budget still runs
+    min_rounds times: with 5, W3's medians moved fastsgd's share of the
+    roofline by several points between runs on this VM.  before_sample(step),
+    if given, runs untimed before every sample of step."""
     batches, firsts = zip(*(_calls_per_sample(step) for step in steps))
     per_round = sum(b * f for b, f in zip(batches, firsts))
     rounds = int(min(max_rounds, max(min_rounds, budget_s * len(steps) / max(per_round, 1e-9))))
     samples = [[] for _ in steps]
-    for _ in range(rounds):
-        for step, batch, times in zip(steps, batches, samples):
+    for r in range(rounds):
+        for k in range(len(steps)):
+            i = (r + k) % len(steps)
+            step, batch = steps[i], batches[i]
             if before_sample is not None:
                 before_sample(step)
             start = time.perf_counter()
             for _ in range(batch):
                 step()
-            times.append((time.perf_counter() - start) / batch)
+            samples[i].append((time.perf_counter() - start) / batch)
     return [statistics.median(times) for times in samples]
 
 

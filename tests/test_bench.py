@@ -92,8 +92,10 @@ def test_every_sample_starts_after_the_flush():
 
     bench.measure_together([step("a"), step("b")], budget_s=0.0, min_rounds=3,
                            before_sample=lambda step: events.append("flush"))
-    # the first call of each step sizes its batch; then 3 rounds of one-call samples
-    assert events[2:] == ["flush", "a", "flush", "b"] * 3
+    # the first call of each step sizes its batch; then 3 rounds of one-call
+    # samples, each round starting one step further on
+    assert events[2:] == ["flush", "a", "flush", "b", "flush", "b", "flush", "a",
+                          "flush", "a", "flush", "b"]
 
 
 def test_a_warm_sample_follows_a_step_of_the_same_peer():
@@ -104,7 +106,7 @@ def test_a_warm_sample_follows_a_step_of_the_same_peer():
 
     bench.measure_together([step("a"), step("b")], budget_s=0.0, min_rounds=2,
                            before_sample=bench._step_once)
-    assert events[2:] == ["a", "a", "b", "b"] * 2
+    assert events[2:] == ["a", "a", "b", "b", "b", "b", "a", "a"]
 
 
 def test_the_flush_streams_twice_the_last_level_cache():
