@@ -1156,7 +1156,7 @@ cdef class Roofline:
             return
         if not (_GRAD_OFFSET >= 0 and all(type(p) is _PARAMETER for p in self.params)
                 and len({p.dtype for p in self.params}) <= 1
-                and all(p.grad is g for p, g in zip(self.params, grads))):
+                and all(g is not None and p.grad is g for p, g in zip(self.params, grads))):
             raise ValueError("reading objects needs Parameters of one dtype whose .grad "
                              "are the grads given")
         self.buffers = list(momentum_buffers) or None

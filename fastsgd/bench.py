@@ -197,8 +197,8 @@ class CacheFlush:
 def cpu_ticks():
     """(steal, total) CPU time so far, in ticks, from Linux's /proc/stat, or
     None.  Steal is time this virtual machine was ready to run but the host
-    ran something else: while it is high, every peer slows down, and more
-    so the short steps."""
+    ran something else: a run with much of it timed the host's other work
+    as well."""
     try:
         with open("/proc/stat") as f:
             fields = f.readline().split()
@@ -226,9 +226,9 @@ def measure_together(steps, budget_s, min_rounds=9, max_rounds=200, before_sampl
     The machine's speed drifts (other tenants, memory bandwidth, clocks), so
     the peers are timed round-robin, one sample each per round, and every
     ratio compares samples taken side by side.  Each round starts one peer
-    further on, so that no peer always runs right after the same one (in one
-    comparison on W3, a step right after torch fused was 3% slower than
-    right after fastsgd).  A round slower than the budget still runs
+    further on, so that no peer always runs right after the same one (one
+    comparison on W3 hinted that a step right after torch fused runs a few
+    percent slower).  A round slower than the budget still runs
     min_rounds times: with 5, W3's medians moved fastsgd's share of the
     roofline by several points between runs on this VM.  before_sample(step),
     if given, runs untimed before every sample of step."""

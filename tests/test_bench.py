@@ -78,7 +78,8 @@ def test_the_roofline_reading_objects_needs_parameters_of_one_dtype_with_their_g
     p32.grad, p64.grad = g32, g64
     refused = [([p32, p64], [g32, g64]),  # two dtypes
                ([p32], [g32.copy()]),  # not the parameter's grad
-               ([np.zeros(4, np.float32)], [g32])]  # not a Parameter
+               ([np.zeros(4, np.float32)], [g32]),  # not a Parameter
+               ([fastsgd.Parameter(np.zeros(4, np.float32))], [None])]  # no grad
     for params, grads in refused:
         with pytest.raises(ValueError, match="reading objects needs Parameters"):
             fastsgd._native.Roofline(params, grads, [], read_objects=True)
