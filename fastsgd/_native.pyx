@@ -729,6 +729,20 @@ cdef enum:
     _MIN_TENSORS_PER_STAGING_THREAD = 512
 
 
+cdef inline int _dtype_of(array_ptr a) noexcept nogil:
+    return FASTSGD_F32 if a.descr.type_num == cnp.NPY_FLOAT32 else FASTSGD_F64
+
+
+cdef inline void _put_entry(_Staging *job, int64_t i, array_ptr param, PyObject *grad,
+                            PyObject *buf, int64_t size) noexcept nogil:
+    """Write tensor i's pointers and size at position i of its dtype's arrays."""
+    cdef int dtype = _dtype_of(param)
+    job.params_data[dtype][i] = param.data
+    job.grads_data[dtype][i] = (<array_ptr>grad).data
+    job.bufs_data[dtype][i] = (<array_ptr>buf).data if buf != NULL else NULL
+    job.sizes[dtype][i] = size
+
+
 cdef void _stage_range(void *job_, int64_t begin, int64_t end) noexcept nogil:
     """_steady_state for positions [begin, end), on any thread while the
     caller holds the GIL (so the objects stay still): it only reads objects
@@ -739,7 +753,6 @@ cdef void _stage_range(void *job_, int64_t begin, int64_t end) noexcept nogil:
     cdef PyObject *grad = NULL
     cdef PyObject *buf
     cdef int64_t i, size
-    cdef int dtype
     for i in range(begin, end):
         param = job.params[i]
         buf = job.buffers[i] if job.buffers != NULL else NULL
@@ -747,13 +760,9 @@ cdef void _stage_range(void *job_, int64_t begin, int64_t end) noexcept nogil:
         if size < 0:
             job.results[i] = size
             continue
-        dtype = FASTSGD_F32 if (<array_ptr>param).descr.type_num == cnp.NPY_FLOAT32 else FASTSGD_F64
-        job.results[i] = 2 * size + dtype
-        job.params_data[dtype][i] = (<array_ptr>param).data
-        job.grads_data[dtype][i] = (<array_ptr>grad).data
-        job.bufs_data[dtype][i] = (<array_ptr>buf).data if buf != NULL else NULL
-        job.sizes[dtype][i] = size
-        job.held[dtype][2 * i] = grad
+        job.results[i] = 2 * size + _dtype_of(<array_ptr>param)
+        _put_entry(job, i, <array_ptr>param, grad, buf, size)
+        job.held[_dtype_of(<array_ptr>param)][2 * i] = grad
 
 
 cdef class _GroupPlan:
@@ -846,7 +855,7 @@ cdef class _GroupPlan:
         return 0
 
     cdef inline _Batch batch_of(self, PyObject *param):
-        return self.f32 if (<array_ptr>param).descr.type_num == cnp.NPY_FLOAT32 else self.f64
+        return self.f32 if _dtype_of(<array_ptr>param) == FASTSGD_F32 else self.f64
 
     cdef bint cache_holds(self, list params, object state, object version):
         if not (params is self.cached_params_list and state is self.cached_state
@@ -1191,26 +1200,21 @@ cdef void _read_objects(void *job_, int64_t begin, int64_t end) noexcept nogil:
     the one the batch holds: only that one is safe to read."""
     cdef _Staging *job = <_Staging *>job_
     cdef array_ptr param
-    cdef array_ptr buf
     cdef PyObject *grad
+    cdef PyObject *buf
     cdef int64_t i, size
-    cdef int dtype
     for i in range(begin, end):
         param = <array_ptr>job.params[i]
-        dtype = FASTSGD_F32 if param.descr.type_num == cnp.NPY_FLOAT32 else FASTSGD_F64
         grad = (<PyObject **>((<char *>param) + _GRAD_OFFSET))[0]
-        if grad != job.held[dtype][2 * i]:
+        if grad != job.held[_dtype_of(param)][2 * i]:
             job.results[i] = -1
             continue
         job.results[i] = 0
         size = min(_size(param), _size(<array_ptr>grad))
-        job.params_data[dtype][i] = param.data
-        job.grads_data[dtype][i] = (<array_ptr>grad).data
-        if job.buffers != NULL:
-            buf = <array_ptr>job.buffers[i]
-            size = min(size, _size(buf))
-            job.bufs_data[dtype][i] = buf.data
-        job.sizes[dtype][i] = size
+        buf = job.buffers[i] if job.buffers != NULL else NULL
+        if buf != NULL:
+            size = min(size, _size(<array_ptr>buf))
+        _put_entry(job, i, param, grad, buf, size)
 
 
 # ------------------------------------------------------------ grad clipping
