@@ -329,6 +329,26 @@ cdef extern from "Python.h":
 
 cdef int _DENSE = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_F_CONTIGUOUS
 
+cdef extern from *:
+    """
+    #ifdef Py_GIL_DISABLED
+    #error "fastsgd's staging threads rely on the GIL to keep objects still"
+    #endif
+    /* Staging threads hold the grads they stage while the calling thread
+     * holds the GIL, so no Python code runs meanwhile; atomically, because
+     * two parameters may share one grad object. */
+    static inline void fastsgd_incref_shared(PyObject *o)
+    {
+        __atomic_fetch_add(&o->ob_refcnt, 1, __ATOMIC_RELAXED);
+    }
+    static inline void fastsgd_or_shared(int *bits, int more)
+    {
+        __atomic_fetch_or(bits, more, __ATOMIC_RELAXED);
+    }
+    """
+    void _incref_shared "fastsgd_incref_shared"(PyObject *o) nogil
+    void _or_shared "fastsgd_or_shared"(int *bits, int more) nogil
+
 
 cdef inline bint _is_float_array(PyObject *x, bint must_write) noexcept nogil:
     """Every rule _check_float_array enforces, without building messages."""
@@ -418,7 +438,7 @@ cdef int _explain_rejection(object param, object grad, object buf, Py_ssize_t gr
 # ------------------------------------------------------------ pointer lists
 
 # What _stage_range reads and writes: the group's lists (borrowed) and the
-# pointer arrays of the float32 and float64 batches, indexed by the tensor's
+# arrays of the float32 and float64 batches, indexed by the tensor's
 # position in the group.
 cdef struct _Staging:
     PyObject **params
@@ -427,8 +447,13 @@ cdef struct _Staging:
     void **params_data[2]
     const void **grads_data[2]
     void **bufs_data[2]
+    uint8_t *buf_is_new[2]
     int64_t *sizes[2]
     PyObject **held[2]
+    void **clean_grads[2]
+    void **owner_slots  # the group's _Owners
+    size_t owner_mask
+    int found  # _FOUND_* bits, or'ed in by every thread
 
 
 cdef class _Batch:
@@ -451,8 +476,8 @@ cdef class _Batch:
     # while the owners checked against stay the same (owners_fills).
     cdef void **clean_grads
     cdef Py_ssize_t clean_fills
-    # Whether some grad may alias, if take() checked each as it held it
-    # (the grad is in cache then), else -1.
+    # Whether some grad may alias, if the staging threads checked each as
+    # they staged it (the grad is in their cache then), else -1.
     cdef int grads_alias
 
     def __cinit__(self):
@@ -504,31 +529,24 @@ cdef class _Batch:
         job.params_data[dtype] = self.params
         job.grads_data[dtype] = self.grads
         job.bufs_data[dtype] = self.bufs
+        job.buf_is_new[dtype] = self.buf_is_new
         job.sizes[dtype] = self.sizes
         job.held[dtype] = self.held
+        job.clean_grads[dtype] = self.clean_grads
 
-    cdef inline void take(self, Py_ssize_t i, _Owners owners) noexcept:
-        """Add the tensor that _stage_range wrote at position i >= count (its
-        grad not yet held), checking its grad against the owners for
-        grads_may_alias."""
+    cdef inline void keep(self, Py_ssize_t i) noexcept:
+        """Add the entry _stage_range wrote (and whose grad it holds) at
+        position i >= count."""
         cdef Py_ssize_t c = self.count
         if c != i:
             self.params[c] = self.params[i]
             self.grads[c] = self.grads[i]
             self.bufs[c] = self.bufs[i]
+            self.buf_is_new[c] = self.buf_is_new[i]
             self.sizes[c] = self.sizes[i]
             self.held[2 * c] = self.held[2 * i]
-        self.held[2 * c + 1] = NULL  # the cached buffers list keeps the buffer
-        self.buf_is_new[c] = False
-        Py_XINCREF(self.held[2 * c])
-        if self.grads_alias == 0:
-            self.grads_alias = self.grad_may_alias(c, owners)
+            self.held[2 * c + 1] = self.held[2 * i + 1]
         self.count = c + 1
-
-    cdef void start_taking(self, _Owners owners) noexcept:
-        """Before the take() calls of a step."""
-        self.sync_clean_grads(owners)
-        self.grads_alias = 0
 
     cdef void clear(self) noexcept:
         cdef Py_ssize_t i
@@ -543,21 +561,8 @@ cdef class _Batch:
             self.clean_fills = owners.fills
 
     cdef inline bint grad_may_alias(self, Py_ssize_t i, _Owners owners) noexcept:
-        """Whether entry i's grad may share memory with a parameter or buffer
-        of the group other than its own parameter."""
-        cdef array_ptr grad = <array_ptr>self.held[2 * i]
-        if grad.data == self.params[i]:
-            return False  # its own parameter
-        if (self.clean_grads[2 * i] == <void *>grad
-                and self.clean_grads[2 * i + 1] == <void *>grad.data
-                and grad.base == NULL):
-            return False  # an owner then, it is not one of the owners now
-        if owners.has(_owner(<PyObject *>grad)):
-            return True
-        if grad.base == NULL:
-            self.clean_grads[2 * i] = <void *>grad
-            self.clean_grads[2 * i + 1] = <void *>grad.data
-        return False
+        return _grad_may_alias(<array_ptr>self.held[2 * i], self.params[i],
+                               &self.clean_grads[2 * i], owners.slots, owners.mask)
 
     cdef bint grads_may_alias(self, _Owners owners, bint with_buffers, int dtype) noexcept:
         """Whether a step of this batch on several threads could read a grad
@@ -589,6 +594,24 @@ cdef class _Batch:
         lst.buf_is_new = self.buf_is_new if with_buffers else NULL
         lst.sizes = self.sizes
         return lst
+
+
+cdef inline bint _grad_may_alias(array_ptr grad, void *param_data, void **clean,
+                                 void **owner_slots, size_t owner_mask) noexcept nogil:
+    """Whether grad may share memory with a parameter or buffer of its group
+    (owner_slots and owner_mask: the group's _Owners) other than its own
+    parameter, whose data is param_data.  clean[0:2] remembers a grad that
+    owns its memory and was found clean, while the owners stay the same."""
+    if grad.data == param_data:
+        return False  # its own parameter
+    if clean[0] == <void *>grad and clean[1] == <void *>grad.data and grad.base == NULL:
+        return False  # an owner then, it is not one of the owners now
+    if _owners_have(owner_slots, owner_mask, _owner(<PyObject *>grad)):
+        return True
+    if grad.base == NULL:
+        clean[0] = <void *>grad
+        clean[1] = <void *>grad.data
+    return False
 
 
 cdef void *_grow(void *old, size_t nbytes) except NULL:
@@ -623,16 +646,28 @@ def _any_overlap(arrays):
                for (start, nbytes), (next_start, _) in zip(spans, spans[1:]))
 
 
-cdef inline void *_owner(PyObject *x) noexcept:
+cdef inline void *_owner(PyObject *x) noexcept nogil:
     """The object at the end of x's chain of bases: two arrays can share
     memory only if they have the same owner."""
-    while cnp.PyArray_Check(<object>x) and (<array_ptr>x).base != NULL:
+    while _type_check(x, _NDARRAY) and (<array_ptr>x).base != NULL:
         x = (<array_ptr>x).base
     return <void *>x
 
 
-cdef inline size_t _slot(void *owner, size_t mask) noexcept:
+cdef inline size_t _slot(void *owner, size_t mask) noexcept nogil:
     return ((<size_t>owner >> 4) * <size_t>11400714819323198485ULL >> 20) & mask
+
+
+cdef inline bint _owners_have(void **slots, size_t mask, void *owner) noexcept nogil:
+    """Whether an _Owners' set (its slots and mask) holds owner."""
+    if slots == NULL:
+        return False
+    cdef size_t i = _slot(owner, mask)
+    while slots[i] != NULL:
+        if slots[i] == owner:
+            return True
+        i = (i + 1) & mask
+    return False
 
 
 cdef class _Owners:
@@ -664,16 +699,6 @@ cdef class _Owners:
                     i = (i + 1) & self.mask
                 self.slots[i] = owner
         return 0
-
-    cdef inline bint has(self, void *owner) noexcept:
-        if self.slots == NULL:
-            return False
-        cdef size_t i = _slot(owner, self.mask)
-        while self.slots[i] != NULL:
-            if self.slots[i] == owner:
-                return True
-            i = (i + 1) & self.mask
-        return False
 
 
 # In a plan's buffer cache: "this parameter's state is not a ParamState, so
@@ -743,26 +768,48 @@ cdef inline void _put_entry(_Staging *job, int64_t i, array_ptr param, PyObject 
     job.sizes[dtype][i] = size
 
 
+# What the staging threads found, in _Staging.found: per dtype, some tensor
+# (_FOUND_F32 << dtype) and some grad that may alias (_FOUND_ALIAS_F32 <<
+# dtype); a parameter without grad; a tensor outside the steady state.
+cdef enum:
+    _FOUND_F32 = 1
+    _FOUND_ALIAS_F32 = 4
+    _FOUND_NO_GRAD = 16
+    _FOUND_SLOW = 32
+
+
 cdef void _stage_range(void *job_, int64_t begin, int64_t end) noexcept nogil:
     """_steady_state for positions [begin, end), on any thread while the
-    caller holds the GIL (so the objects stay still): it only reads objects
-    and writes the job's arrays, at the tensor's own position in the batch
-    of its dtype."""
+    caller holds the GIL (so the objects stay still): it reads objects,
+    holds each grad it stages, checks it for grads_may_alias (its header is
+    in this thread's cache now) and writes the job's arrays, at the
+    tensor's own position in the batch of its dtype."""
     cdef _Staging *job = <_Staging *>job_
     cdef PyObject *param
     cdef PyObject *grad = NULL
     cdef PyObject *buf
     cdef int64_t i, size
+    cdef int dtype, found = 0
     for i in range(begin, end):
         param = job.params[i]
         buf = job.buffers[i] if job.buffers != NULL else NULL
         size = _steady_state(param, buf, job.buffers != NULL, &grad)
         if size < 0:
             job.results[i] = size
+            found |= _FOUND_SLOW if size == _SLOW else _FOUND_NO_GRAD
             continue
-        job.results[i] = 2 * size + _dtype_of(<array_ptr>param)
+        dtype = _dtype_of(<array_ptr>param)
+        job.results[i] = 2 * size + dtype
         _put_entry(job, i, <array_ptr>param, grad, buf, size)
-        job.held[_dtype_of(<array_ptr>param)][2 * i] = grad
+        job.buf_is_new[dtype][i] = False
+        job.held[dtype][2 * i] = grad
+        job.held[dtype][2 * i + 1] = NULL  # the cached buffers list keeps the buffer
+        _incref_shared(grad)
+        found |= _FOUND_F32 << dtype
+        if _grad_may_alias(<array_ptr>grad, (<array_ptr>param).data,
+                           &job.clean_grads[dtype][2 * i], job.owner_slots, job.owner_mask):
+            found |= _FOUND_ALIAS_F32 << dtype
+    _or_shared(&job.found, found)
 
 
 cdef class _GroupPlan:
@@ -957,22 +1004,33 @@ cdef class _GroupPlan:
         job.results = self.staged
         self.f32.lend_arrays(&job, FASTSGD_F32)
         self.f64.lend_arrays(&job, FASTSGD_F64)
+        job.owner_slots = self.owners.slots
+        job.owner_mask = self.owners.mask
+        job.found = 0
+        self.f32.sync_clean_grads(self.owners)
+        self.f64.sync_clean_grads(self.owners)
         if fastsgd_parallel_ranges(n, _MIN_TENSORS_PER_STAGING_THREAD, _stage_range,
                                    &job) <= 1:
             return False
-        # In order, on this thread: no Python code has run since the
-        # threads read the grads, so each is still there to be held.
+        cdef _Batch batch
         cdef int64_t result
-        self.f32.start_taking(self.owners)
-        self.f64.start_taking(self.owners)
-        for i in range(n):
-            result = self.staged[i]
-            if result >= 0:
-                (self.f64 if result & 1 else self.f32).take(i, self.owners)
-            elif result == _SLOW:
-                self.f32.clear()
-                self.f64.clear()
-                return False
+        if job.found == _FOUND_F32 or job.found == _FOUND_F32 << FASTSGD_F64:
+            # one dtype, no gaps: the entries are in place
+            batch = self.f32 if job.found == _FOUND_F32 else self.f64
+            batch.count = n
+        else:
+            # compacted per dtype, so that the held grads end up in
+            # [0, count) of their batch, where clear() lets go of them
+            for i in range(n):
+                result = self.staged[i]
+                if result >= 0:
+                    (self.f64 if result & 1 else self.f32).keep(i)
+        self.f32.grads_alias = (job.found & _FOUND_ALIAS_F32) != 0
+        self.f64.grads_alias = (job.found & (_FOUND_ALIAS_F32 << FASTSGD_F64)) != 0
+        if job.found & _FOUND_SLOW:
+            self.f32.clear()
+            self.f64.clear()
+            return False
         _parallel_stagings += 1
         return True
 

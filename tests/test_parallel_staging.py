@@ -116,21 +116,49 @@ def test_a_bad_grad_found_by_a_staging_thread_is_named_and_nothing_is_written(po
         assert a.tobytes(order="A") == b.tobytes(order="A")
 
 
-def test_staging_threads_leave_reference_counts_as_they_were():
-    opt, fast, _, _ = twins()
+def one_dtype_group(count=2048):
+    rng = np.random.default_rng(7)
+    fast = [fastsgd.Parameter(rng.standard_normal(256).astype(np.float32)) for _ in range(count)]
+    return fastsgd.SGD(fast, **OPTIONS), fast
+
+
+@pytest.mark.parametrize("layout", ["mixed dtypes", "one dtype", "one grad for all",
+                                    "one grad for all and a first step"])
+def test_staging_threads_leave_reference_counts_as_they_were(layout):
+    """The staging threads hold each grad they stage, atomically (one grad
+    object may be every parameter's); whatever the path, the step lets go
+    of each exactly once.  A first step (a tensor without buffer yet)
+    sends the group back to the calling thread after the threads held
+    every other grad."""
+    if layout == "mixed dtypes":
+        opt, fast, _, _ = twins()
+    else:
+        opt, fast = one_dtype_group()
     rng = np.random.default_rng(4)
+    shared = rng.standard_normal(256).astype(np.float32)
+    first_step = layout.endswith("a first step")
     for _ in range(2):
         set_grads(rng, fast)
+        if layout.startswith("one grad for all"):
+            for p in fast:
+                p.grad = shared
+        if first_step:
+            fast[-1].grad = None
         opt.step()
+    if first_step:
+        fast[-1].grad = shared
     grads = [p.grad for p in fast]
-    buffers = [opt.state[p]["momentum_buffer"] for p in fast]
+    stepped = [p for p in fast if p in opt.state]  # the first step adds a state entry
+    buffers = [opt.state[p]["momentum_buffer"] for p in stepped]
 
     def counts():
-        return [sys.getrefcount(x) for x in fast + grads + buffers]
+        return [sys.getrefcount(x) for x in stepped + grads + buffers]
 
     before, stagings = counts(), _native.parallel_staging_count()
-    opt.step()
-    assert _native.parallel_staging_count() == stagings + 1
+    steps = 1 if first_step else 3
+    for _ in range(steps):
+        opt.step()
+    assert _native.parallel_staging_count() == stagings + (0 if first_step else steps)
     assert counts() == before
 
 
