@@ -190,7 +190,7 @@ class CacheFlush:
     def __init__(self, nbytes=None):
         self.array = np.zeros((nbytes or 2 * last_level_cache_bytes()) // 8)
 
-    def __call__(self, step=None):  # step: measure_together names the sample's peer
+    def __call__(self):
         np.add(self.array, 1.0, out=self.array)
 
 
@@ -215,9 +215,12 @@ def steal_share(before, after):
     return (after[0] - before[0]) / (after[1] - before[1])
 
 
-def _step_once(step):
-    """Before a warm sample: what the peer's own previous step leaves in cache."""
-    step()
+def _use_threads(threads):
+    """Set the thread count of fastsgd and, once imported, torch."""
+    fastsgd.set_num_threads(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
 
 
 def measure_together(steps, budget_s, min_rounds=9, max_rounds=200, before_sample=None):
@@ -230,9 +233,15 @@ def measure_together(steps, budget_s, min_rounds=9, max_rounds=200, before_sampl
     comparison on W3 hinted that a step right after torch fused runs a few
     percent slower).  A round slower than the budget still runs
     min_rounds times: with 5, W3's medians moved fastsgd's share of the
-    roofline by several points between runs on this VM.  before_sample(step),
-    if given, runs untimed before every sample of step."""
-    batches, firsts = zip(*(_calls_per_sample(step) for step in steps))
+    roofline by several points between runs on this VM.  before_sample(k),
+    if given, runs untimed before every sample of steps[k] (and before the
+    call that sizes its batch)."""
+    def sized(k):
+        if before_sample is not None:
+            before_sample(k)
+        return _calls_per_sample(steps[k])
+
+    batches, firsts = zip(*(sized(k) for k in range(len(steps))))
     per_round = sum(b * f for b, f in zip(batches, firsts))
     rounds = int(min(max_rounds, max(min_rounds, budget_s * len(steps) / max(per_round, 1e-9))))
     samples = [[] for _ in steps]
@@ -241,7 +250,7 @@ def measure_together(steps, budget_s, min_rounds=9, max_rounds=200, before_sampl
             i = (r + k) % len(steps)
             step, batch = steps[i], batches[i]
             if before_sample is not None:
-                before_sample(step)
+                before_sample(i)
             start = time.perf_counter()
             for _ in range(batch):
                 step()
@@ -256,42 +265,59 @@ _SLOW_PEERS = ("reference",)
 def run(workloads=None, threads=(1, 2), peers=None, budget_s=0.5, progress=sys.stderr,
         cache=None):
     """Measure every (workload, thread count, peer); returns the result rows.
-    cache, if given, is the state every sample starts from ("cold" or
-    "warm") instead of each workload's own."""
+    A workload's thread counts are sampled in the same rounds, so that the
+    ratio of 2 threads to 1 compares samples taken side by side too (across
+    groups run minutes apart, this VM's drift moved W2's roofline from 1.1x
+    to 2.4x).  cache, if given, is the state every sample starts from
+    ("cold" or "warm") instead of each workload's own."""
     workloads = [w for w in WORKLOADS if workloads is None or w.name in workloads]
     peers = list(PEERS) if peers is None else peers
-    groups = [(w, t) for w in workloads for t in threads]
     flush = None  # made when first needed: it holds twice the last-level cache
     results = []
     saved_threads = fastsgd.get_num_threads()
     try:
-        for k, (workload, t) in enumerate(groups, 1):
+        for k, workload in enumerate(workloads, 1):
             state = cache or workload.cache
             if state == "cold" and flush is None:
                 flush = CacheFlush()
-            before_sample = flush if state == "cold" else _step_once
             model = Model(*_model(workload))
             ticks = cpu_ticks()
-            steps = {p: PEERS[p](workload, t, model) for p in peers}
-            steps = {p: s for p, s in steps.items() if s is not None}
-            together = [p for p in steps if p not in _SLOW_PEERS]
-            seconds = dict(zip(together, measure_together([steps[p] for p in together], budget_s,
-                                                          before_sample=before_sample)))
-            for p in steps:
-                if p in _SLOW_PEERS:
-                    seconds[p] = measure_together([steps[p]], budget_s, min_rounds=3,
-                                                  before_sample=before_sample)[0]
+            steps = {p: PEERS[p](workload, min(threads), model) for p in peers}
+            # the slow peers (1 thread only: their setup refuses more) take a
+            # few samples on their own
+            together = [(p, t) for p, step in steps.items() if step is not None
+                        and p not in _SLOW_PEERS for t in threads]
+            alone = [(p, min(threads)) for p, step in steps.items() if step is not None
+                     and p in _SLOW_PEERS]
+
+            def measure(samples, **kwargs):
+                def before_sample(i):
+                    peer, t = samples[i]
+                    _use_threads(t)
+                    if state == "cold":
+                        flush()
+                    else:  # what the peer's own previous step leaves in cache
+                        steps[peer]()
+                return measure_together([steps[p] for p, _ in samples], budget_s,
+                                        before_sample=before_sample, **kwargs)
+
+            seconds = dict(zip(together, measure(together)))
+            for sample in alone:
+                seconds[sample] = measure([sample], min_rounds=3)[0]
             del steps, model
             steal = steal_share(ticks, cpu_ticks())
-            for p, sec in seconds.items():
+            for (p, t), sec in sorted(seconds.items(), key=lambda item: item[0][1]):
                 results.append({"workload": workload.name, "peer": p, "threads": t, "cache": state,
                                 "seconds": sec, "gb_per_s": workload.bytes_per_step / sec / 1e9,
                                 "host_steal": steal})
             if progress:
-                summary = ", ".join(f"{p} {_format_time(sec)}" for p, sec in seconds.items())
+                summary = "; ".join(
+                    f"{t}T: " + ", ".join(f"{p} {_format_time(sec)}"
+                                          for (p, u), sec in seconds.items() if u == t)
+                    for t in threads)
                 if steal is not None:
                     summary += f" (host steal {100 * steal:.0f}%)"
-                print(f"[{k}/{len(groups)}] {workload.name} {t}T: {summary}", file=progress,
+                print(f"[{k}/{len(workloads)}] {workload.name} {summary}", file=progress,
                       flush=True)
     finally:
         fastsgd.set_num_threads(saved_threads)

@@ -14,6 +14,9 @@ import fastsgd
 from fastsgd import bench
 
 
+needs_openmp = pytest.mark.skipif(not fastsgd.has_openmp(), reason="built without OpenMP")
+
+
 def test_resnet50_shapes_are_torchvisions():
     shapes = bench.resnet50_shapes()
     assert len(shapes) == 161
@@ -92,22 +95,38 @@ def test_every_sample_starts_after_the_flush():
         return lambda: (events.append(name), time.sleep(2e-3))
 
     bench.measure_together([step("a"), step("b")], budget_s=0.0, min_rounds=3,
-                           before_sample=lambda step: events.append("flush"))
+                           before_sample=lambda k: events.append(f"flush for {'ab'[k]}"))
     # the first call of each step sizes its batch; then 3 rounds of one-call
     # samples, each round starting one step further on
-    assert events[2:] == ["flush", "a", "flush", "b", "flush", "b", "flush", "a",
-                          "flush", "a", "flush", "b"]
+    assert events == ["flush for a", "a", "flush for b", "b",
+                      "flush for a", "a", "flush for b", "b", "flush for b", "b",
+                      "flush for a", "a", "flush for a", "a", "flush for b", "b"]
 
 
-def test_a_warm_sample_follows_a_step_of_the_same_peer():
-    events = []
+@needs_openmp  # to step on 2 threads
+def test_a_workloads_thread_counts_are_sampled_in_the_same_rounds(monkeypatch):
+    """Each sample runs at its own thread count, set before the flush and
+    the timed call; 1 and 2 threads alternate within the rounds."""
+    calls = []
+    monkeypatch.setattr(bench, "CacheFlush", lambda: lambda: calls.append("flush"))
+    monkeypatch.setitem(bench.PEERS, "probe", lambda workload, threads, model: (
+        lambda: (calls.append(f"step at {fastsgd.get_num_threads()}"), time.sleep(2e-3))))
+    results = bench.run(["W2"], threads=(1, 2), peers=["probe"], budget_s=0.0, progress=None)
+    assert [(r["peer"], r["threads"]) for r in results] == [("probe", 1), ("probe", 2)]
+    samples = [c for c in calls if c != "flush"]
+    assert samples[:4] == ["step at 1", "step at 2", "step at 1", "step at 2"]
+    assert len(samples) == 2 * (1 + 9)  # sizing, then 9 rounds
+    assert calls[::2] == ["flush"] * len(samples)
 
-    def step(name):
-        return lambda: (events.append(name), time.sleep(2e-3))
 
-    bench.measure_together([step("a"), step("b")], budget_s=0.0, min_rounds=2,
-                           before_sample=bench._step_once)
-    assert events[2:] == ["a", "a", "b", "b", "b", "b", "a", "a"]
+@needs_openmp  # to step on 2 threads
+def test_a_warm_sample_follows_a_step_of_the_same_peer(monkeypatch):
+    calls = []
+    monkeypatch.setitem(bench.PEERS, "probe", lambda workload, threads, model: (
+        lambda: (calls.append(fastsgd.get_num_threads()), time.sleep(2e-3))))
+    bench.run(["W4"], threads=(1, 2), peers=["probe"], budget_s=0.0, progress=None)
+    # each sample: the warming step, then the timed one, at one thread count
+    assert calls[:8] == [1, 1, 2, 2, 1, 1, 2, 2]
 
 
 def test_the_flush_streams_twice_the_last_level_cache():
