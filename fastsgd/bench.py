@@ -360,9 +360,9 @@ def table(results):
 def limits_table(results):
     """What the memory bus allows, from the same run: how much faster 2
     threads are than 1 for fastsgd and for the roofline, and how much faster
-    the roofline is than torch fused (no step with the same traffic can beat
-    either ratio by much), also when it reads the objects as a step must.
-    Empty unless the run has 1 and 2 threads.
+    the roofline is than torch fused, also when it reads the objects as a
+    step must, and than torch's for-loop (no step with the same traffic can
+    beat these ratios by much).  Empty unless the run has 1 and 2 threads.
 
     "at best" bounds fastsgd's own scaling: a step checks every tensor
     before it writes any, so its work beyond the least a step must do (the
@@ -375,8 +375,9 @@ def limits_table(results):
              "| roofline, 2 threads vs 1 "
              "| roofline vs torch fused, 1 thread | roofline vs torch fused, 2 threads "
              "| roofline reading objects vs torch fused, 1 thread "
-             "| roofline reading objects vs torch fused, 2 threads |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| roofline reading objects vs torch fused, 2 threads "
+             "| roofline vs torch for-loop, 1 thread | roofline vs torch for-loop, 2 threads |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for w in WORKLOADS:
         one, two = by_key.get((w.name, "fastsgd", 1)), by_key.get((w.name, "fastsgd", 2))
         roof1, roof2 = by_key.get((w.name, "roofline", 1)), by_key.get((w.name, "roofline", 2))
@@ -387,10 +388,12 @@ def limits_table(results):
             floor1, floor2 = roof1, roof2
         at_best = one / (floor2 + max(one - floor1, 0.0) / 2)
         cells = [w.name, f"{one / two:.2f}", f"{at_best:.2f}", f"{roof1 / roof2:.2f}"]
-        for roofline in ("roofline", "roofline reading objects"):
+        for torch_peer, roofline in (("torch fused", "roofline"),
+                                     ("torch fused", "roofline reading objects"),
+                                     ("torch for-loop", "roofline")):
             for t in (1, 2):
-                fused, roof = (by_key.get((w.name, p, t)) for p in ("torch fused", roofline))
-                cells.append(f"{fused / roof:.2f}" if fused and roof else "-")
+                theirs, roof = (by_key.get((w.name, p, t)) for p in (torch_peer, roofline))
+                cells.append(f"{theirs / roof:.2f}" if theirs and roof else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 

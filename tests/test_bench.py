@@ -150,15 +150,17 @@ def test_the_pytest_benchmark_suite_runs():
 def test_the_limits_table_sets_fastsgd_scaling_beside_the_rooflines():
     seconds = {("fastsgd", 1): 4.0, ("fastsgd", 2): 3.2, ("roofline", 1): 3.0,
                ("roofline", 2): 2.0, ("torch fused", 1): 30.0, ("torch fused", 2): 10.0,
+               ("torch for-loop", 1): 12.0,
                ("roofline reading objects", 1): 3.75, ("roofline reading objects", 2): 2.5}
     results = [{"workload": "W2", "peer": p, "threads": t, "seconds": s}
                for (p, t), s in seconds.items()]
     lines = bench.limits_table(results).splitlines()
     # at best: 4 / (2.5 + (4 - 3.75) / 2), from the roofline reading objects
-    assert lines[2] == "| W2 | 1.25 | 1.52 | 1.50 | 10.00 | 5.00 | 8.00 | 4.00 |"
+    assert lines[2] == "| W2 | 1.25 | 1.52 | 1.50 | 10.00 | 5.00 | 8.00 | 4.00 | 4.00 | - |"
     # without it, from the plain roofline: 4 / (2 + (4 - 3) / 2)
     plain = [r for r in results if r["peer"] != "roofline reading objects"]
-    assert bench.limits_table(plain).splitlines()[2] == "| W2 | 1.25 | 1.60 | 1.50 | 10.00 | 5.00 | - | - |"
+    assert bench.limits_table(plain).splitlines()[2] == (
+        "| W2 | 1.25 | 1.60 | 1.50 | 10.00 | 5.00 | - | - | 4.00 | - |")
     assert bench.limits_table([r for r in results if r["threads"] == 1]) == ""
 
 
