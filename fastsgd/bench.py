@@ -223,7 +223,7 @@ def _use_threads(threads):
         torch.set_num_threads(threads)
 
 
-def measure_together(steps, budget_s, min_rounds=9, max_rounds=200, before_sample=None):
+def measure_together(steps, budget_s, min_rounds=15, max_rounds=200, before_sample=None):
     """Median seconds per call of each step, sampled in turns.
 
     The machine's speed drifts (other tenants, memory bandwidth, clocks), so
@@ -233,8 +233,11 @@ def measure_together(steps, budget_s, min_rounds=9, max_rounds=200, before_sampl
     comparison on W3 hinted that a step right after torch fused runs a few
     percent slower).  A round slower than the budget still runs
     min_rounds times: with 5, W3's medians moved fastsgd's share of the
-    roofline by several points between runs on this VM.  before_sample(k),
-    if given, runs untimed before every sample of steps[k] (and before the
+    roofline by several points between runs on this VM; with 9, W3's two
+    rooflines (the same stream but for reading 3 objects) came out 6% apart
+    in one run.  A round of the largest workloads takes about a second (the
+    numpy reference, measured alone, takes longer).  before_sample(k), if
+    given, runs untimed before every sample of steps[k] (and before the
     call that sizes its batch)."""
     def sized(k):
         if before_sample is not None:

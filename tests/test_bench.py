@@ -115,7 +115,7 @@ def test_a_workloads_thread_counts_are_sampled_in_the_same_rounds(monkeypatch):
     assert [(r["peer"], r["threads"]) for r in results] == [("probe", 1), ("probe", 2)]
     samples = [c for c in calls if c != "flush"]
     assert samples[:4] == ["step at 1", "step at 2", "step at 1", "step at 2"]
-    assert len(samples) == 2 * (1 + 9)  # sizing, then 9 rounds
+    assert len(samples) == 2 * (1 + 15)  # sizing, then 15 rounds
     assert calls[::2] == ["flush"] * len(samples)
 
 
