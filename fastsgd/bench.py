@@ -15,6 +15,7 @@ import glob
 import json
 import math
 import platform
+import random
 import statistics
 import sys
 import time
@@ -227,18 +228,21 @@ def measure_together(steps, budget_s, min_rounds=15, max_rounds=200, before_samp
     """Median seconds per call of each step, sampled in turns.
 
     The machine's speed drifts (other tenants, memory bandwidth, clocks), so
-    the peers are timed round-robin, one sample each per round, and every
-    ratio compares samples taken side by side.  Each round starts one peer
-    further on, so that no peer always runs right after the same one (one
+    the peers are timed in rounds, one sample each per round, and every
+    ratio compares samples taken side by side.  Each round takes the steps
+    in a new order (seeded, so a run repeats it), so that no step always
+    runs right after the same one: rounds that only started one step
+    further on kept each step after the same one in all but one round in
+    len(steps) (fastsgd at 1 thread after torch fused at 2), and one
     comparison on W3 hinted that a step right after torch fused runs a few
-    percent slower).  A round slower than the budget still runs
-    min_rounds times: with 5, W3's medians moved fastsgd's share of the
-    roofline by several points between runs on this VM; with 9, W3's two
-    rooflines (the same stream but for reading 3 objects) came out 6% apart
-    in one run.  A round of the largest workloads takes about a second (the
-    numpy reference, measured alone, takes longer).  before_sample(k), if
-    given, runs untimed before every sample of steps[k] (and before the
-    call that sizes its batch)."""
+    percent slower.  A round slower than the budget still runs min_rounds
+    times: with 5, W3's medians moved fastsgd's share of the roofline by
+    several points between runs on this VM; with 9, W3's two rooflines (the
+    same stream but for reading 3 objects) came out 6% apart in one run.  A
+    round of the largest workloads takes about a second (the numpy
+    reference, measured alone, takes longer).  before_sample(k), if given,
+    runs untimed before every sample of steps[k] (and before the call that
+    sizes its batch)."""
     def sized(k):
         if before_sample is not None:
             before_sample(k)
@@ -248,9 +252,11 @@ def measure_together(steps, budget_s, min_rounds=15, max_rounds=200, before_samp
     per_round = sum(b * f for b, f in zip(batches, firsts))
     rounds = int(min(max_rounds, max(min_rounds, budget_s * len(steps) / max(per_round, 1e-9))))
     samples = [[] for _ in steps]
-    for r in range(rounds):
-        for k in range(len(steps)):
-            i = (r + k) % len(steps)
+    order = list(range(len(steps)))
+    shuffle = random.Random(0).shuffle
+    for _ in range(rounds):
+        shuffle(order)
+        for i in order:
             step, batch = steps[i], batches[i]
             if before_sample is not None:
                 before_sample(i)
