@@ -14,6 +14,7 @@ overhead of a call).  Ratios are only meaningful within one run.
 import glob
 import json
 import math
+import operator
 import platform
 import random
 import statistics
@@ -225,7 +226,7 @@ def _use_threads(threads):
 
 
 def measure_together(steps, budget_s, min_rounds=15, max_rounds=200, before_sample=None):
-    """Median seconds per call of each step, sampled in turns.
+    """Seconds per call of each step, one sample per round, sampled in turns.
 
     The machine's speed drifts (other tenants, memory bandwidth, clocks), so
     the peers are timed in rounds, one sample each per round, and every
@@ -264,7 +265,7 @@ def measure_together(steps, budget_s, min_rounds=15, max_rounds=200, before_samp
             for _ in range(batch):
                 step()
             samples[i].append((time.perf_counter() - start) / batch)
-    return [statistics.median(times) for times in samples]
+    return samples
 
 
 # Takes seconds per step on the large workloads: a few samples, on its own.
@@ -310,15 +311,16 @@ def run(workloads=None, threads=(1, 2), peers=None, budget_s=0.5, progress=sys.s
                 return measure_together([steps[p] for p, _ in samples], budget_s,
                                         before_sample=before_sample, **kwargs)
 
-            seconds = dict(zip(together, measure(together)))
+            rounds = dict(zip(together, measure(together)))
+            seconds = {sample: statistics.median(times) for sample, times in rounds.items()}
             for sample in alone:
-                seconds[sample] = measure([sample], min_rounds=3)[0]
+                seconds[sample] = statistics.median(measure([sample], min_rounds=3)[0])
             del steps, model
             steal = steal_share(ticks, cpu_ticks())
             for (p, t), sec in sorted(seconds.items(), key=lambda item: item[0][1]):
                 results.append({"workload": workload.name, "peer": p, "threads": t, "cache": state,
                                 "seconds": sec, "gb_per_s": workload.bytes_per_step / sec / 1e9,
-                                "host_steal": steal})
+                                "host_steal": steal, "rounds": rounds.get((p, t))})
             if progress:
                 summary = "; ".join(
                     f"{t}T: " + ", ".join(f"{p} {_format_time(sec)}"
@@ -339,11 +341,35 @@ def _format_time(seconds):
     return f"{seconds * 1e6:.2f} us"
 
 
+class _Paired:
+    """A run's times by (workload, peer, threads), combined per round: a
+    function of several times is the median of its values over the rounds
+    when they were sampled in the same rounds (the run's "rounds" lists),
+    so that drift between rounds cancels, else its value at the medians
+    (the numpy reference, sampled alone; results without rounds)."""
+
+    def __init__(self, results):
+        self.rows = {(r["workload"], r["peer"], r["threads"]): r for r in results}
+
+    def __call__(self, f, *keys):
+        """f of the times of keys, or None if one is missing."""
+        rows = [self.rows.get(key) for key in keys]
+        if None in rows:
+            return None
+        rounds = [row.get("rounds") for row in rows]
+        if all(rounds):
+            return statistics.median(f(*times) for times in zip(*rounds))
+        return f(*(row["seconds"] for row in rows))
+
+    def ratio(self, top, bottom):
+        return self(operator.truediv, top, bottom)
+
+
 def table(results):
     """The results as a markdown table: fastsgd's time, bandwidth and its
     ratio to each peer (peer time / fastsgd time; > 1 means fastsgd is faster),
-    and the share of each roofline it reaches."""
-    by_key = {(r["workload"], r["peer"], r["threads"]): r["seconds"] for r in results}
+    and the share of each roofline it reaches; ratios as _Paired takes them."""
+    paired = _Paired(results)
     rooflines = [p for p in PEERS if p.startswith("roofline")]
     peers = [p for p in PEERS if p != "fastsgd" and p not in rooflines]
     header = (["workload", "threads", "fastsgd", "GB/s"] + [f"% of {p}" for p in rooflines]
@@ -353,15 +379,16 @@ def table(results):
     for r in results:
         if r["peer"] != "fastsgd":
             continue
-        w, t, mine = r["workload"], r["threads"], r["seconds"]
-        cells = [f"{w} {described[w].description}", str(t), _format_time(mine),
+        w, t, mine = r["workload"], r["threads"], (r["workload"], "fastsgd", r["threads"])
+        cells = [f"{w} {described[w].description}", str(t), _format_time(r["seconds"]),
                  f"{r['gb_per_s']:.1f}"]
         for p in rooflines:
-            roof = by_key.get((w, p, t))
-            cells.append(f"{100 * roof / mine:.0f}%" if roof else "-")
+            share = paired.ratio((w, p, t), mine)
+            cells.append(f"{100 * share:.0f}%" if share else "-")
         for p in peers:
-            other = by_key.get((w, p, t)) or by_key.get((w, p, 1) if p == "reference" else None)
-            cells.append(f"{other / mine:.2f}" if other else "-")
+            other = paired.ratio((w, p, t), mine) or (
+                paired.ratio((w, p, 1), mine) if p == "reference" else None)
+            cells.append(f"{other:.2f}" if other else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -378,8 +405,9 @@ def limits_table(results):
     roofline reading objects, else the plain one: its 1-thread time minus
     that roofline's) cannot overlap the streaming.  Even split perfectly over
     2 threads, that work leaves fastsgd at best
-    1-thread time / (that roofline's 2-thread time + half that work)."""
-    by_key = {(r["workload"], r["peer"], r["threads"]): r["seconds"] for r in results}
+    1-thread time / (that roofline's 2-thread time + half that work).
+    Ratios as _Paired takes them."""
+    paired = _Paired(results)
     lines = ["| workload | fastsgd, 2 threads vs 1 | fastsgd, 2 threads vs 1, at best "
              "| roofline, 2 threads vs 1 "
              "| roofline vs torch fused, 1 thread | roofline vs torch fused, 2 threads "
@@ -388,21 +416,22 @@ def limits_table(results):
              "| roofline vs torch for-loop, 1 thread | roofline vs torch for-loop, 2 threads |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for w in WORKLOADS:
-        one, two = by_key.get((w.name, "fastsgd", 1)), by_key.get((w.name, "fastsgd", 2))
-        roof1, roof2 = by_key.get((w.name, "roofline", 1)), by_key.get((w.name, "roofline", 2))
-        if not (one and two and roof1 and roof2):
+        one, two = (w.name, "fastsgd", 1), (w.name, "fastsgd", 2)
+        scaling, roof_scaling = paired.ratio(one, two), paired.ratio((w.name, "roofline", 1),
+                                                                     (w.name, "roofline", 2))
+        if not (scaling and roof_scaling):
             continue
-        floor1, floor2 = (by_key.get((w.name, "roofline reading objects", t)) for t in (1, 2))
-        if not (floor1 and floor2):
-            floor1, floor2 = roof1, roof2
-        at_best = one / (floor2 + max(one - floor1, 0.0) / 2)
-        cells = [w.name, f"{one / two:.2f}", f"{at_best:.2f}", f"{roof1 / roof2:.2f}"]
+        floor = ("roofline reading objects" if all(
+            (w.name, "roofline reading objects", t) in paired.rows for t in (1, 2)) else "roofline")
+        at_best = paired(lambda one, floor1, floor2: one / (floor2 + max(one - floor1, 0.0) / 2),
+                         one, (w.name, floor, 1), (w.name, floor, 2))
+        cells = [w.name, f"{scaling:.2f}", f"{at_best:.2f}", f"{roof_scaling:.2f}"]
         for torch_peer, roofline in (("torch fused", "roofline"),
                                      ("torch fused", "roofline reading objects"),
                                      ("torch for-loop", "roofline")):
             for t in (1, 2):
-                theirs, roof = (by_key.get((w.name, p, t)) for p in (torch_peer, roofline))
-                cells.append(f"{theirs / roof:.2f}" if theirs and roof else "-")
+                theirs = paired.ratio((w.name, torch_peer, t), (w.name, roofline, t))
+                cells.append(f"{theirs:.2f}" if theirs else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 

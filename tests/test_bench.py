@@ -175,6 +175,24 @@ def test_the_limits_table_sets_fastsgd_scaling_beside_the_rooflines():
     assert bench.limits_table([r for r in results if r["threads"] == 1]) == ""
 
 
+def test_ratios_pair_the_samples_of_each_round():
+    """A slow stretch that hits one round hits every peer's sample in it:
+    the share of the roofline is the median of the rounds' shares, not the
+    ratio of two medians drawn from different rounds."""
+    rounds = {("fastsgd", 1): [1.0, 2.0, 10.0], ("roofline", 1): [0.9, 3.0, 9.0],
+              ("fastsgd", 2): [0.5, 1.0, 5.0], ("roofline", 2): [0.45, 1.5, 4.5]}
+    results = [{"workload": "W3", "peer": p, "threads": t, "seconds": sorted(r)[1],
+                "gb_per_s": 1.0, "rounds": r} for (p, t), r in rounds.items()]
+    results.append({"workload": "W3", "peer": "reference", "threads": 1, "seconds": 8.0,
+                    "gb_per_s": 1.0, "rounds": None})  # sampled alone: medians
+    rows = bench.table(results).splitlines()[2:]
+    assert rows[0].startswith("| W3 one tensor of 50M, f32 | 1 | 2000.00 ms |")
+    assert "| 90% | - |" in rows[0] and rows[0].endswith("| 4.00 |")
+    assert "| 90% | - |" in rows[1] and rows[1].endswith("| 8.00 |")
+    # fastsgd 2 threads vs 1: 2.0 in each round
+    assert bench.limits_table(results).splitlines()[2].startswith("| W3 | 2.00 |")
+
+
 def test_steal_share_is_the_stolen_part_of_the_cpu_time_between_two_readings():
     assert bench.steal_share((10, 1000), (60, 1200)) == 0.25
     assert bench.steal_share(None, (60, 1200)) is None
