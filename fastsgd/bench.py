@@ -225,7 +225,8 @@ def _use_threads(threads):
         torch.set_num_threads(threads)
 
 
-def measure_together(steps, budget_s, min_rounds=15, max_rounds=200, before_sample=None):
+def measure_together(steps, budget_s, min_rounds=15, max_rounds=200, before_sample=None,
+                     back_to_back=()):
     """Seconds per call of each step, one sample per round, sampled in turns.
 
     The machine's speed drifts (other tenants, memory bandwidth, clocks), so
@@ -241,9 +242,11 @@ def measure_together(steps, budget_s, min_rounds=15, max_rounds=200, before_samp
     several points between runs on this VM; with 9, W3's two rooflines (the
     same stream but for reading 3 objects) came out 6% apart in one run.  A
     round of the largest workloads takes about a second (the numpy
-    reference, measured alone, takes longer).  before_sample(k), if given,
-    runs untimed before every sample of steps[k] (and before the call that
-    sizes its batch)."""
+    reference, measured alone, takes longer), so the steps listed (by index)
+    in back_to_back run one after another within each round, in a new order
+    too: their ratios then compare samples tens of milliseconds apart.
+    before_sample(k), if given, runs untimed before every sample of steps[k]
+    (and before the call that sizes its batch)."""
     def sized(k):
         if before_sample is not None:
             before_sample(k)
@@ -253,11 +256,13 @@ def measure_together(steps, budget_s, min_rounds=15, max_rounds=200, before_samp
     per_round = sum(b * f for b, f in zip(batches, firsts))
     rounds = int(min(max_rounds, max(min_rounds, budget_s * len(steps) / max(per_round, 1e-9))))
     samples = [[] for _ in steps]
-    order = list(range(len(steps)))
+    block = list(back_to_back)
+    units = [block] * bool(block) + [[k] for k in range(len(steps)) if k not in block]
     shuffle = random.Random(0).shuffle
     for _ in range(rounds):
-        shuffle(order)
-        for i in order:
+        shuffle(block)
+        shuffle(units)
+        for i in (k for unit in units for k in unit):
             step, batch = steps[i], batches[i]
             if before_sample is not None:
                 before_sample(i)
@@ -270,6 +275,9 @@ def measure_together(steps, budget_s, min_rounds=15, max_rounds=200, before_samp
 
 # Takes seconds per step on the large workloads: a few samples, on its own.
 _SLOW_PEERS = ("reference",)
+# The peers of the targets' ratios (and both thread counts of each): sampled
+# back to back in each round, apart from torch's slower for-loop and foreach.
+_BACK_TO_BACK_PEERS = ("fastsgd", "roofline", "roofline reading objects", "torch fused")
 
 
 def run(workloads=None, threads=(1, 2), peers=None, budget_s=0.5, progress=sys.stderr,
@@ -311,7 +319,8 @@ def run(workloads=None, threads=(1, 2), peers=None, budget_s=0.5, progress=sys.s
                 return measure_together([steps[p] for p, _ in samples], budget_s,
                                         before_sample=before_sample, **kwargs)
 
-            rounds = dict(zip(together, measure(together)))
+            rounds = dict(zip(together, measure(together, back_to_back=[
+                k for k, (p, _) in enumerate(together) if p in _BACK_TO_BACK_PEERS])))
             seconds = {sample: statistics.median(times) for sample, times in rounds.items()}
             for sample in alone:
                 seconds[sample] = statistics.median(measure([sample], min_rounds=3)[0])

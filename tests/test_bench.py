@@ -109,7 +109,18 @@ def test_every_sample_starts_after_the_flush_and_each_round_takes_a_new_order():
     # step further on kept each after the same one in 3 rounds of 4)
     order = calls[4:]
     pairs = collections.Counter(zip(order, order[1:]))
-    assert max(pairs.values()) <= len(order) // len(names) // 2
+    assert max(pairs.values()) <= 15 * 2 // 3
+
+
+def test_steps_sampled_back_to_back_run_one_after_another_in_each_round():
+    events, names = [], "abcde"
+    bench.measure_together(timed_steps(events, names), budget_s=0.0, min_rounds=15,
+                           back_to_back=[1, 3, 4])
+    rounds = [events[k:k + 5] for k in range(5, len(events), 5)]
+    assert len(rounds) == 15 and all(sorted(r) == list(names) for r in rounds)
+    blocks = ["".join(name for name in r if name in "bde") for r in rounds]
+    assert all("".join(r).find(block) >= 0 for r, block in zip(rounds, blocks))
+    assert len(set(blocks)) > 1 and len({r.index("a") for r in rounds}) > 1  # new orders
 
 
 @needs_openmp  # to step on 2 threads
