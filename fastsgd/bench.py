@@ -293,6 +293,10 @@ def run(workloads=None, threads=(1, 2), peers=None, budget_s=0.5, progress=sys.s
     flush = None  # made when first needed: it holds twice the last-level cache
     results = []
     saved_threads = fastsgd.get_num_threads()
+    # torch's thread count sets the order of its reductions: left changed, it
+    # made test_clip_grad's comparisons with torch fail after test_bench's runs.
+    torch = sys.modules.get("torch")
+    saved_torch_threads = torch.get_num_threads() if torch is not None else None
     try:
         for k, workload in enumerate(workloads, 1):
             state = cache or workload.cache
@@ -341,6 +345,8 @@ def run(workloads=None, threads=(1, 2), peers=None, budget_s=0.5, progress=sys.s
                       flush=True)
     finally:
         fastsgd.set_num_threads(saved_threads)
+        if saved_torch_threads is not None:
+            torch.set_num_threads(saved_torch_threads)
     return results
 
 
