@@ -1014,9 +1014,10 @@ cdef class _GroupPlan:
             return False
         cdef _Batch batch
         cdef int64_t result
-        if job.found == _FOUND_F32 or job.found == _FOUND_F32 << FASTSGD_F64:
+        cdef int layout = job.found & ~(_FOUND_ALIAS_F32 | _FOUND_ALIAS_F32 << FASTSGD_F64)
+        if layout == _FOUND_F32 or layout == _FOUND_F32 << FASTSGD_F64:
             # one dtype, no gaps: the entries are in place
-            batch = self.f32 if job.found == _FOUND_F32 else self.f64
+            batch = self.f32 if layout == _FOUND_F32 else self.f64
             batch.count = n
         else:
             # compacted per dtype, so that the held grads end up in
