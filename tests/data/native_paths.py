@@ -62,6 +62,15 @@ for bad in (3, 1100):
     many[bad].grad = np.ones_like(many[bad], subok=False)
 opt.state[many[7]] = {"momentum_buffer": np.zeros_like(many[7], subok=False)}
 opt.step()
+# One dtype on 2 threads (its entries staged in place), every parameter
+# sharing one grad object (held atomically by both threads).
+one_dtype = [fastsgd.Parameter(rng.standard_normal(8).astype(np.float32)) for _ in range(1200)]
+shared = np.ones(8, np.float32)
+for p in one_dtype:
+    p.grad = shared
+opt_one = fastsgd.SGD(one_dtype, lr=0.1, momentum=0.9)
+for _ in range(3):
+    opt_one.step()
 # The roofline reading objects, on 2 threads, and refusing a changed grad.
 same_dtype = [p for p in many if p.dtype == np.float32]
 roofline = _native.Roofline(same_dtype, [p.grad for p in same_dtype],
