@@ -24,7 +24,7 @@ from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
                                PyThread_allocate_lock, PyThread_free_lock,
                                PyThread_release_lock, PyThread_type_lock)
 from cpython.ref cimport Py_XDECREF, Py_XINCREF
-from cpython.tuple cimport PyTuple_GET_ITEM
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.stdint cimport int64_t, uint8_t
 from libc.string cimport memset
 
@@ -91,6 +91,8 @@ cdef extern from "Python.h":
         PyMemberDef *d_member
     ctypedef struct PyListObject:
         PyObject **ob_item
+    ctypedef struct PyTupleObject:
+        PyObject *ob_item[1]
 
 
 # ------------------------------------------------------------------ kernels
@@ -968,19 +970,22 @@ cdef class _GroupPlan:
                 f"parameter of the other dtype in its group; a step updates a group's "
                 f"float32 and float64 parameters in separate passes, so it cannot keep "
                 f"their order: put them in different groups or stop sharing the memory")
-        cdef Py_ssize_t i, n = PyList_GET_SIZE(params)
+        # Staging reads the parameters from the cache's tuple (the list's
+        # items, by cache_holds), not from the list: stage_slowly can run
+        # Python code (a .grad property, a finalizer) that changes the list.
+        cdef Py_ssize_t i, n = PyTuple_GET_SIZE(self.cached_params)
         self.reset(n)
         # A looked-up buffer is never in the steady state: staging threads
         # would hand such a group back every step.
         if (n >= 2 * _MIN_TENSORS_PER_STAGING_THREAD and not self.looks_up_buffers
-                and self.stage_in_parallel(params)):
+                and self.stage_in_parallel(n)):
             return 0
         cdef PyObject *param
         cdef PyObject *grad = NULL
         cdef PyObject *buf = NULL
         cdef Py_ssize_t size
         for i in range(n):
-            param = PyList_GET_ITEM(params, i)
+            param = PyTuple_GET_ITEM(self.cached_params, i)
             if self.with_momentum:
                 buf = PyList_GET_ITEM(self.cached_buffers, i)
             size = _steady_state(param, buf, self.with_momentum, &grad)
@@ -991,14 +996,14 @@ cdef class _GroupPlan:
                 self.stage_slowly(i, <object>param, state, group_index)
         return 0
 
-    cdef bint stage_in_parallel(self, list params) except -1:
+    cdef bint stage_in_parallel(self, Py_ssize_t n) except -1:
         """Stage a group whose every tensor is in the steady state on
         several threads.  Returns False, having staged nothing, when one
         thread would do or some tensor needs the slow path."""
         global _parallel_stagings
-        cdef Py_ssize_t i, n = PyList_GET_SIZE(params)
+        cdef Py_ssize_t i
         cdef _Staging job
-        job.params = (<PyListObject *>params).ob_item
+        job.params = (<PyTupleObject *>self.cached_params).ob_item
         job.buffers = ((<PyListObject *>self.cached_buffers).ob_item if self.with_momentum
                        else NULL)
         job.results = self.staged

@@ -924,6 +924,34 @@ add("params_tuple_after_construction_like_torch", """
     opt.param_groups[1]["params"] = tuple(opt.param_groups[1]["params"])
     check_like_torch(steps=2)
 """)
+add("grad_property_empties_the_params_list_mid_step", """
+    # Python code run by a step (here a .grad property) empties the group's
+    # list: the step updates the parameters it began with, as cached.
+    from fastsgd import reference
+
+    class EmptiesItsGroup(Parameter):
+        @property
+        def grad(self):
+            group["params"].clear()
+            return np.zeros_like(self)
+
+        @grad.setter
+        def grad(self, value):
+            pass
+
+    params = [Parameter(arr((4,), np.float32)) for _ in range(3000)]
+    new_grads(params)
+    o = fastsgd.SGD(params[:1] + [EmptiesItsGroup(arr((4,), np.float32))] + params[1:], lr=0.1)
+    group = o.param_groups[0]
+    expected = [p.copy() for p in params]
+    reference.sgd(expected, [p.grad for p in params], [None] * len(params), lr=0.1,
+                  momentum=0, dampening=0, weight_decay=0, nesterov=False, maximize=False,
+                  fma=fastsgd.cpu_capability() != "default")
+    o.step()
+    assert group["params"] == []
+    for p, e in zip(params, expected):
+        assert np.array_equal(p, e)
+""")
 add("buffer_swapped_unbound_is_unseen_but_safe", """
     # README: dict's methods called unbound go unseen; the step keeps the
     # buffer it cached, which it still holds a reference to.
