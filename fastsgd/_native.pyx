@@ -179,10 +179,15 @@ if type(Parameter.__dict__.get("grad")).__name__ == "member_descriptor":
     _GRAD_OFFSET = (<PyMemberDescrObject *>Parameter.__dict__["grad"]).d_member.offset
 
 
+cdef inline PyObject *_grad_slot(PyObject *param) noexcept nogil:
+    """A Parameter's .grad slot: the grad, None, or NULL if never set."""
+    return (<PyObject **>((<char *>param) + _GRAD_OFFSET))[0]
+
+
 cdef inline object _grad_of(object p):
     cdef PyObject *grad
     if type(p) is _PARAMETER and _GRAD_OFFSET >= 0:
-        grad = (<PyObject **>((<char *><PyObject *>p) + _GRAD_OFFSET))[0]
+        grad = _grad_slot(<PyObject *>p)
         if grad != NULL:
             return <object>grad
     return p.grad
@@ -736,7 +741,7 @@ cdef inline Py_ssize_t _steady_state(PyObject *param, PyObject *buf, bint with_m
     count and sets *grad, or _NO_GRAD, or _SLOW."""
     if _type_of(param) != _PARAMETER_TYPE or _GRAD_OFFSET < 0:
         return _SLOW
-    grad[0] = (<PyObject **>((<char *>param) + _GRAD_OFFSET))[0]
+    grad[0] = _grad_slot(param)
     if grad[0] == _NONE:
         return _NO_GRAD
     if grad[0] == NULL:
@@ -1269,7 +1274,7 @@ cdef void _read_objects(void *job_, int64_t begin, int64_t end) noexcept nogil:
     cdef int64_t i, size
     for i in range(begin, end):
         param = <array_ptr>job.params[i]
-        grad = (<PyObject **>((<char *>param) + _GRAD_OFFSET))[0]
+        grad = _grad_slot(<PyObject *>param)
         if grad != job.held[_dtype_of(param)][2 * i]:
             job.results[i] = -1
             continue
