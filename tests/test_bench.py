@@ -204,6 +204,29 @@ def test_ratios_pair_the_samples_of_each_round():
     assert bench.limits_table(results).splitlines()[2].startswith("| W3 | 2.00 |")
 
 
+def test_the_targets_peers_get_more_rounds_of_their_own(monkeypatch):
+    order = []
+    monkeypatch.setattr(bench, "CacheFlush", lambda: lambda: None)
+    for name in ("fastsgd", "torch for-loop"):
+        monkeypatch.setitem(bench.PEERS, name, lambda workload, threads, model, name=name: (
+            lambda: order.append(name)))
+    results = bench.run(["W2"], threads=(1,), peers=["fastsgd", "torch for-loop"],
+                        budget_s=0.0, progress=None)
+    assert {r["peer"]: len(r["rounds"]) for r in results} == {
+        "fastsgd": 15 + bench._TARGET_ROUNDS, "torch for-loop": 15}
+    # the rounds of both peers come first, then fastsgd's own
+    last_shared = max(i for i, name in enumerate(order) if name == "torch for-loop")
+    assert order[last_shared + 1:].count("fastsgd") >= bench._TARGET_ROUNDS
+
+
+def test_a_peer_sampled_in_fewer_rounds_pairs_over_the_shared_first_rounds():
+    results = [{"workload": "W3", "peer": "fastsgd", "threads": 1, "seconds": 3.0,
+                "rounds": [1.0, 2.0, 3.0, 100.0, 100.0]},
+               {"workload": "W3", "peer": "torch for-loop", "threads": 1, "seconds": 4.0,
+                "rounds": [2.0, 4.0, 6.0]}]
+    assert bench._Paired(results).ratio(("W3", "torch for-loop", 1), ("W3", "fastsgd", 1)) == 2.0
+
+
 def test_steal_share_is_the_stolen_part_of_the_cpu_time_between_two_readings():
     assert bench.steal_share((10, 1000), (60, 1200)) == 0.25
     assert bench.steal_share(None, (60, 1200)) is None
