@@ -1170,6 +1170,10 @@ cdef class SGDStepper:
         cdef _GroupPlan plan
         try:
             for g in range(n):
+                # Staging runs Python code (option conversions, .grad
+                # properties, hashes), which may shorten the caller's list.
+                if g >= PyList_GET_SIZE(param_groups):
+                    raise RuntimeError("optimizer.param_groups lost groups during step()")
                 group = param_groups[g]
                 if not PyDict_Check(group):
                     raise TypeError(f"param_groups[{g}] must be a dict, but got "

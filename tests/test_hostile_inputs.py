@@ -952,6 +952,22 @@ add("grad_property_empties_the_params_list_mid_step", """
     for p, e in zip(params, expected):
         assert np.array_equal(p, e)
 """)
+add("option_conversion_empties_param_groups_mid_step", """
+    class EmptiesTheGroups:
+        def __float__(self):
+            opt.param_groups.clear()
+            return 0.1
+
+    before = [p.copy() for p in P0 + P1]
+    opt.param_groups[0]["lr"] = EmptiesTheGroups()
+    try:
+        opt.step()
+    except RuntimeError as e:
+        assert str(e) == "optimizer.param_groups lost groups during step()", e
+    else:
+        raise AssertionError("no error")
+    assert all(np.array_equal(p, b) for p, b in zip(P0 + P1, before))
+""")
 add("buffer_swapped_unbound_is_unseen_but_safe", """
     # README: dict's methods called unbound go unseen; the step keeps the
     # buffer it cached, which it still holds a reference to.
