@@ -892,17 +892,22 @@ cdef class _GroupPlan:
         elif buf is None and self.earlier_buffers is not None and param in self.earlier_buffers:
             buf = self.earlier_buffers[param]  # an earlier group's run fills it first
         elif buf is None:
-            size = _steps_as_is(<PyObject *>param, <PyObject *>grad, NULL)
-            if size < 0:
+            if _steps_as_is(<PyObject *>param, <PyObject *>grad, NULL) < 0:
                 _explain_rejection(param, grad, None, group_index, index)
-            buf = np.empty_like(param, subok=False)
+            # Not np.empty_like: it dispatches to a subclass's
+            # __array_function__, which may return anything.
+            buf = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>param),
+                                    cnp.PyArray_DIMS(<cnp.ndarray>param),
+                                    cnp.PyArray_TYPE(<cnp.ndarray>param),
+                                    not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>param))
             buf_is_new = True
             self.new_buffers.append((index, buf))
-        if not buf_is_new:
-            size = _steps_as_is(<PyObject *>param, <PyObject *>grad,
-                                <PyObject *>buf if buf is not None else NULL)
-            if size < 0:
-                _explain_rejection(param, grad, buf, group_index, index)
+        # Checked after the last Python code above could run (a lookup's
+        # __eq__, a collection during an allocation), right before add().
+        size = _steps_as_is(<PyObject *>param, <PyObject *>grad,
+                            <PyObject *>buf if buf is not None else NULL)
+        if size < 0:
+            _explain_rejection(param, grad, buf, group_index, index)
         self.batch_of(<PyObject *>param).add(<PyObject *>param, <PyObject *>grad,
                                              <PyObject *>buf if buf is not None else NULL,
                                              size, buf_is_new, True)

@@ -968,6 +968,42 @@ add("option_conversion_empties_param_groups_mid_step", """
         raise AssertionError("no error")
     assert all(np.array_equal(p, b) for p, b in zip(P0 + P1, before))
 """)
+add("array_function_cannot_make_the_new_buffer", """
+    # A first momentum step makes its buffer without numpy's dispatch: a
+    # subclass's __array_function__ answering np.empty_like with a wrong
+    # array (or None, or changing the parameter's dtype) is never called.
+    from fastsgd.functional import sgd
+
+    class WrongEmptyLike(np.ndarray):
+        def __array_function__(self, func, types, args, kwargs):
+            return np.empty(1)
+
+    class NoEmptyLike(Parameter):
+        def __array_function__(self, func, types, args, kwargs):
+            if func is np.empty_like:
+                return None
+            return super().__array_function__(func, types, args, kwargs)
+
+    class RetypesItself(np.ndarray):
+        def __array_function__(self, func, types, args, kwargs):
+            self.dtype = np.float64  # the same bytes, half the elements
+            return np.empty(self.shape, np.float64)
+
+    n = 1 << 20
+    for p, g in [(np.zeros(n).view(WrongEmptyLike), np.ones(n)),
+                 (np.zeros(n, np.float32).view(RetypesItself), np.ones(n, np.float32))]:
+        bufs = [None]
+        sgd([p], [g], bufs, weight_decay=0.0, momentum=0.9, lr=0.1, dampening=0.0,
+            nesterov=False, maximize=False)
+        p = p.view(np.ndarray)  # checked without the subclass's dispatch
+        assert type(bufs[0]) is np.ndarray and bufs[0].shape == (n,) and p.shape == (n,)
+        assert np.all(bufs[0] == 1) and np.all(p == p.dtype.type(-0.1))
+    p = NoEmptyLike(np.zeros(1000))
+    p.grad = np.ones(1000)
+    o = fastsgd.SGD([p], lr=0.1, momentum=0.9)
+    o.step()
+    assert type(o.state[p]["momentum_buffer"]) is np.ndarray and np.all(p == -0.1)
+""")
 add("buffer_swapped_unbound_is_unseen_but_safe", """
     # README: dict's methods called unbound go unseen; the step keeps the
     # buffer it cached, which it still holds a reference to.
