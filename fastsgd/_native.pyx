@@ -22,7 +22,8 @@ from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.object cimport PyObject, PyTypeObject
 from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
                                PyThread_allocate_lock, PyThread_free_lock,
-                               PyThread_release_lock, PyThread_type_lock)
+                               PyThread_get_thread_ident, PyThread_release_lock,
+                               PyThread_type_lock)
 from cpython.ref cimport Py_XDECREF, Py_XINCREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.stdint cimport int64_t, uint8_t
@@ -717,13 +718,16 @@ cdef PyObject *_LOOK_UP_PTR = <PyObject *>_LOOK_UP
 cdef object _buffer_in_state(object state, object param, Py_ssize_t group_index,
                              Py_ssize_t index):
     """state[param]['momentum_buffer'], or None; never adds a state entry."""
-    cdef PyObject *param_state = PyDict_GetItem(state, param)
-    if param_state == NULL:
+    cdef PyObject *found = PyDict_GetItem(state, param)
+    if found == NULL:
         return None
-    if not PyDict_Check(<object>param_state):
+    # Owned: the lookup below can run Python code (a key's __eq__) that
+    # drops this dict from the state, which would free it mid-lookup.
+    cdef object param_state = <object>found
+    if not PyDict_Check(param_state):
         raise TypeError(f"{_where(group_index, index)}: optimizer.state of the parameter "
-                        f"must be a dict, but got {type(<object>param_state).__name__}")
-    cdef PyObject *buf = PyDict_GetItem(<object>param_state, "momentum_buffer")
+                        f"must be a dict, but got {type(param_state).__name__}")
+    cdef PyObject *buf = PyDict_GetItem(param_state, "momentum_buffer")
     return <object>buf if buf != NULL else None
 
 
@@ -932,11 +936,10 @@ cdef class _GroupPlan:
     cdef int rebuild_cache(self, list params, object state, object version,
                            Py_ssize_t group_index) except -1:
         cdef Py_ssize_t i
-        self.cached_params_list = params
+        # Invalid until complete: building it can raise (a parameter's
+        # __hash__ in state.get), and a half-built cache must not hold.
+        self.cached_params_list = None
         self.cached_params = tuple(params)
-        self.cached_state = state
-        self.cached_version = version
-        self.cached_with_momentum = self.with_momentum
         self.cached_buffers = None
         buffers = []
         if self.with_momentum:
@@ -959,6 +962,10 @@ cdef class _GroupPlan:
         self.serial = self.looks_up_buffers or _any_overlap(arrays)
         self.owners.fill(arrays)
         self.cross_dtype_alias = _first_overlap_across_dtypes(params)
+        self.cached_state = state
+        self.cached_version = version
+        self.cached_with_momentum = self.with_momentum
+        self.cached_params_list = params
         return 0
 
     cdef int prepare_group(self, dict group, object state, object version,
@@ -1129,6 +1136,7 @@ cdef class SGDStepper:
     Steps of one stepper from several threads take turns."""
     cdef list plans
     cdef PyThread_type_lock lock
+    cdef long holder  # the thread that holds the lock, else 0
 
     def __cinit__(self):
         self.plans = []
@@ -1150,8 +1158,13 @@ cdef class SGDStepper:
 
     cdef int _locked(self, list param_groups, object state, bint run) except -1:
         if not PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
+            # Python code that a step runs (a .grad property, an option's
+            # __float__) stepping the same optimizer would wait for itself.
+            if self.holder == PyThread_get_thread_ident():
+                raise RuntimeError("step() called during a step of the same optimizer")
             with nogil:
                 PyThread_acquire_lock(self.lock, WAIT_LOCK)
+        self.holder = PyThread_get_thread_ident()
         try:
             self._prepare_all(param_groups, state)
             for plan in self.plans:
@@ -1161,6 +1174,7 @@ cdef class SGDStepper:
                 else:
                     (<_GroupPlan>plan).reset(0)
         finally:
+            self.holder = 0
             PyThread_release_lock(self.lock)
         return 0
 
@@ -1307,6 +1321,8 @@ cdef class _GradLists:
     cdef list positions64
 
     def __cinit__(self, list grads, list positions, bint writable):
+        if len(positions) != len(grads):
+            raise ValueError(f"got {len(grads)} grads and {len(positions)} positions")
         self.f32, self.f64 = _Batch(), _Batch()
         self.positions32, self.positions64 = [], []
         self.f32.reserve(len(grads))

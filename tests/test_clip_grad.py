@@ -115,3 +115,13 @@ def test_bad_grads_are_named():
     q.grad = np.ones(4, np.int64)
     with pytest.raises(TypeError, match=r"^params\[1\]: grad must be float32 or float64"):
         fastsgd.clip_grad_value_([p, q], 1.0)
+
+
+@pytest.mark.parametrize("call", [lambda g, pos: fastsgd._native.grad_norms(g, pos, 2.0),
+                                  lambda g, pos: fastsgd._native.scale_grads(g, pos, 0.5),
+                                  lambda g, pos: fastsgd._native.clamp_grads(g, pos, -1.0, 1.0)],
+                         ids=["norms", "scale", "clamp"])
+def test_the_native_loops_refuse_positions_of_another_length(call):
+    grads = [np.ones(3, np.float32), np.ones(2)]
+    with pytest.raises(ValueError, match="got 2 grads and 1 positions"):
+        call(grads, [0])

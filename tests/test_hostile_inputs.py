@@ -1004,6 +1004,72 @@ add("array_function_cannot_make_the_new_buffer", """
     o.step()
     assert type(o.state[p]["momentum_buffer"]) is np.ndarray and np.all(p == -0.1)
 """)
+add("hash_raising_once_leaves_no_half_built_cache", """
+    class HashFailsOnce(Parameter):
+        fail = False
+
+        def __hash__(self):
+            if HashFailsOnce.fail:
+                HashFailsOnce.fail = False
+                raise KeyError("hash failed once")
+            return object.__hash__(self)
+
+    p = HashFailsOnce(arr((5,), np.float64))
+    opt.param_groups[1]["params"].append(p)
+    new_grads([p])
+    HashFailsOnce.fail = True  # the step rebuilds the plan's cache, which raises
+    expect_error(KeyError, "hash failed once")
+    check_like_torch(steps=2)  # the cache is rebuilt from scratch
+""")
+add("state_dict_key_eq_drops_the_state_mid_lookup", """
+    # A key of a parameter's (plain dict) state whose __eq__ runs during the
+    # momentum_buffer lookup deletes that state: the step holds the dict, so
+    # the buffer (large: freeing it would unmap it) stays where it is.
+    class DropsTheState:
+        armed = False
+
+        def __hash__(self):
+            return hash("momentum_buffer")
+
+        def __eq__(self, other):
+            if DropsTheState.armed:
+                DropsTheState.armed = False
+                del o.state[p]
+            return False
+
+    n = 1 << 22
+    p = Parameter(np.zeros(n))
+    p.grad = np.ones(n)
+    o = fastsgd.SGD([p], lr=0.1, momentum=0.9)
+    o.state[p] = {DropsTheState(): 0, "momentum_buffer": np.zeros(n)}
+    DropsTheState.armed = True
+    o.step()
+    assert p not in o.state and np.all(p == -0.1)
+""")
+add("step_within_a_step_raises", """
+    stepping = []
+
+    class StepsWhenRead(Parameter):
+        @property
+        def grad(self):
+            if stepping:  # not when snapshot() reads it
+                opt.step()
+
+        @grad.setter
+        def grad(self, value):
+            pass
+
+    def step():
+        stepping.append(True)
+        try:
+            opt.step()
+        finally:
+            stepping.clear()
+
+    opt.param_groups[0]["params"].append(StepsWhenRead(arr((3,), np.float32)))
+    expect_error(RuntimeError, re.escape("step() called during a step of the same optimizer"),
+                 call=step)
+""")
 add("buffer_swapped_unbound_is_unseen_but_safe", """
     # README: dict's methods called unbound go unseen; the step keeps the
     # buffer it cached, which it still holds a reference to.
