@@ -342,19 +342,19 @@ cdef extern from *:
     #ifdef Py_GIL_DISABLED
     #error "fastsgd's staging threads rely on the GIL to keep objects still"
     #endif
-    /* Staging threads hold the grads they stage while the calling thread
-     * holds the GIL, so no Python code runs meanwhile; atomically, because
-     * two parameters may share one grad object. */
-    static inline void fastsgd_incref_shared(PyObject *o)
+    /* Staging threads hold the grads they stage (twice: see _hold) while
+     * the calling thread holds the GIL, so no Python code runs meanwhile;
+     * atomically, because two parameters may share one grad object. */
+    static inline void fastsgd_hold_shared(PyObject *o)
     {
-        __atomic_fetch_add(&o->ob_refcnt, 1, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&o->ob_refcnt, 2, __ATOMIC_RELAXED);
     }
     static inline void fastsgd_or_shared(int *bits, int more)
     {
         __atomic_fetch_or(bits, more, __ATOMIC_RELAXED);
     }
     """
-    void _incref_shared "fastsgd_incref_shared"(PyObject *o) nogil
+    void _hold_shared "fastsgd_hold_shared"(PyObject *o) nogil
     void _or_shared "fastsgd_or_shared"(int *bits, int more) nogil
 
 
@@ -464,13 +464,29 @@ cdef struct _Staging:
     int found  # _FOUND_* bits, or'ed in by every thread
 
 
+# An array a step points into must keep its memory until the kernel is
+# done: neither freed nor moved, while Python code the step runs (a .grad
+# property, a hash) or another thread may drop every other reference to it.
+# Holding it is not enough: numpy's resize(refcheck=True) moves the memory of
+# an array with at most 2 references (the caller's name and the call's), so
+# a step holds 2 of its own.  _hold and _let_go take and drop them; the plan
+# holds its cached params and buffers in the cache and in arrays_held.
+cdef inline void _hold(PyObject *x) noexcept:
+    Py_XINCREF(x)
+    Py_XINCREF(x)
+
+
+cdef inline void _let_go(PyObject *x) noexcept:
+    Py_XDECREF(x)
+    Py_XDECREF(x)
+
+
 cdef class _Batch:
     """The tensors of one dtype that a step updates, as the C driver takes
-    them.  It holds a reference to each grad it points into until clear(),
-    so that no other thread can free one while the GIL is released, and to
-    each buffer that nothing else keeps (the caller holds the params, the
-    plan's cache the steady state's buffers).  Its storage only grows, so a
-    steady-state step allocates nothing."""
+    them.  It holds (_hold) each grad it points into until clear(), and each
+    buffer that the plan does not hold (the params and the steady state's
+    buffers).  Its storage only grows, so a steady-state step allocates
+    nothing."""
     cdef Py_ssize_t count
     cdef Py_ssize_t capacity
     cdef void **params
@@ -518,8 +534,7 @@ cdef class _Batch:
     cdef inline void add(self, PyObject *param, PyObject *grad, PyObject *buf,
                          Py_ssize_t size, bint buf_is_new, bint hold_buf) noexcept:
         """Add a checked tensor of `size` elements; buf is NULL without
-        momentum.  hold_buf is false when something else keeps buf alive
-        until clear() (a plan's cache of buffers)."""
+        momentum.  hold_buf is false when the plan holds buf."""
         cdef Py_ssize_t i = self.count
         self.params[i] = (<array_ptr>param).data
         self.grads[i] = (<array_ptr>grad).data
@@ -528,8 +543,8 @@ cdef class _Batch:
         self.sizes[i] = size
         self.held[2 * i] = grad
         self.held[2 * i + 1] = buf if hold_buf else NULL
-        Py_XINCREF(grad)
-        Py_XINCREF(self.held[2 * i + 1])
+        _hold(grad)
+        _hold(self.held[2 * i + 1])
         self.count = i + 1
 
     cdef void lend_arrays(self, _Staging *job, int dtype) noexcept:
@@ -559,7 +574,7 @@ cdef class _Batch:
     cdef void clear(self) noexcept:
         cdef Py_ssize_t i
         for i in range(2 * self.count):
-            Py_XDECREF(self.held[i])
+            _let_go(self.held[i])
         self.count = 0
         self.grads_alias = -1
 
@@ -814,8 +829,8 @@ cdef void _stage_range(void *job_, int64_t begin, int64_t end) noexcept nogil:
         _put_entry(job, i, <array_ptr>param, grad, buf, size)
         job.buf_is_new[dtype][i] = False
         job.held[dtype][2 * i] = grad
-        job.held[dtype][2 * i + 1] = NULL  # the cached buffers list keeps the buffer
-        _incref_shared(grad)
+        job.held[dtype][2 * i + 1] = NULL  # the plan holds the buffer
+        _hold_shared(grad)
         found |= _FOUND_F32 << dtype
         if _grad_may_alias(<array_ptr>grad, (<array_ptr>param).data,
                            &job.clean_grads[dtype][2 * i], job.owner_slots, job.owner_mask):
@@ -854,6 +869,7 @@ cdef class _GroupPlan:
     cdef object cached_state
     cdef object cached_version
     cdef bint cached_with_momentum
+    cdef list arrays_held  # the params and cached buffers again: see _hold
     cdef int64_t *staged  # _Staging.results, for as many tensors as the batches hold
 
     def __cinit__(self):
@@ -961,6 +977,7 @@ cdef class _GroupPlan:
         self.looks_up_buffers = any(looked_up)
         self.serial = self.looks_up_buffers or _any_overlap(arrays)
         self.owners.fill(arrays)
+        self.arrays_held = arrays
         self.cross_dtype_alias = _first_overlap_across_dtypes(params)
         self.cached_state = state
         self.cached_version = version
@@ -1086,6 +1103,7 @@ cdef class _GroupPlan:
         arrays = params + [b for b in buffers if b is not None]
         self.serial = _any_overlap(arrays)
         self.owners.fill(arrays)
+        self.arrays_held = arrays
         for i in range(n):
             if grads[i] is not None:
                 self.stage(i, params[i], grads[i],
@@ -1217,7 +1235,7 @@ cdef class SGDStepper:
 def sgd(params, grads, momentum_buffers, dict options):
     """One step of explicit lists; returns [(position, new buffer), ...]."""
     cdef _GroupPlan plan = _GroupPlan()
-    params = list(params)  # holds the params the batches point into
+    params = list(params)  # one hold on the params; the plan's arrays_held is the other
     plan.prepare_lists(params, list(grads), list(momentum_buffers), options)
     plan.run(False)
     plan.f32.clear()

@@ -1070,6 +1070,129 @@ add("step_within_a_step_raises", """
     expect_error(RuntimeError, re.escape("step() called during a step of the same optimizer"),
                  call=step)
 """)
+# A step holds every array it points into twice: numpy's resize(refcheck=True)
+# moves the memory of an array with at most 2 references.  Each case drops
+# every other reference to an array the step has staged (large: its old
+# memory is unmapped), then resizes it; numpy must refuse.
+RESIZE_PRELUDE = """
+    N = 1 << 22
+    RESIZE_REFUSED = "cannot resize an array that references or is referenced"
+    resize = []  # what a later tensor's .grad does: resize[0]() if set
+
+    class ResizesWhenRead(Parameter):
+        @property
+        def grad(self):
+            if resize:
+                resize.pop()()
+            return self.__dict__.get("_grad")
+
+        @grad.setter
+        def grad(self, value):
+            self.__dict__["_grad"] = value
+
+    big = Parameter(np.zeros(N))
+    big.grad = np.ones(N)
+    later = ResizesWhenRead(np.zeros(4))
+    later.grad = np.ones(4)
+"""
+add("momentum_buffer_resized_by_a_later_tensor", RESIZE_PRELUDE + """
+    o = fastsgd.SGD([big, later], lr=0.1, momentum=0.9)
+    o.step()
+    before = big.copy()
+    resize.append(lambda: o.state[big].pop("momentum_buffer").resize((1,), refcheck=True))
+    try:
+        o.step()
+    except ValueError as e:
+        assert str(e).startswith(RESIZE_REFUSED), e
+    else:
+        raise AssertionError("numpy resized a buffer the step had staged")
+    assert np.array_equal(big, before)  # raised while staging
+""")
+add("param_resized_by_a_later_tensor", RESIZE_PRELUDE + """
+    big = big.copy()  # a Parameter that owns its memory
+    big.grad = np.ones(N)
+    o = fastsgd.SGD([big, later], lr=0.1)
+    del big
+    resize.append(lambda: o.param_groups[0]["params"].pop(0).resize((1,), refcheck=True))
+    try:
+        o.step()
+    except ValueError as e:
+        assert str(e).startswith(RESIZE_REFUSED), e
+    else:
+        raise AssertionError("numpy resized a parameter the step had staged")
+""")
+add("grad_resized_by_a_later_tensor", RESIZE_PRELUDE + """
+    o = fastsgd.SGD([big, later], lr=0.1)
+
+    def drop_the_grad_and_resize_it():
+        grads = [big.grad]
+        big.grad = None
+        grads.pop().resize((1,), refcheck=True)
+
+    resize.append(drop_the_grad_and_resize_it)
+    try:
+        o.step()
+    except ValueError as e:
+        assert str(e).startswith(RESIZE_REFUSED), e
+    else:
+        raise AssertionError("numpy resized a grad the step had staged")
+""")
+add("momentum_buffer_resized_by_an_earlier_groups_commit", RESIZE_PRELUDE + """
+    # A step runs group 0 and commits it (storing p's new buffer hashes p)
+    # before group 1 runs: the last hash of p in a step is that commit's.
+    hashes = []
+
+    class CountsItsHashes(Parameter):
+        def __hash__(self):
+            hashes.append(1)
+            if len(hashes) == resize_at:
+                resize.pop()()
+            return object.__hash__(self)
+
+    resize_at = 0
+    p = CountsItsHashes(np.zeros(4))
+    p.grad = np.ones(4)
+    o = fastsgd.SGD([{"params": [p]}, {"params": [big]}], lr=0.1, momentum=0.9)
+    o.step()
+    o.state[p].clear()  # p takes a first step again, so its commit stores a buffer
+    hashes.clear()
+    o.step()
+    resize_at = len(hashes)
+    o.state[p].clear()
+    hashes.clear()
+    resize.append(lambda: o.state[big].pop("momentum_buffer").resize((1,), refcheck=True))
+    try:
+        o.step()
+    except ValueError as e:
+        assert str(e).startswith(RESIZE_REFUSED), e
+    else:
+        raise AssertionError("numpy resized a buffer the step had staged")
+""")
+add("momentum_buffer_resized_by_another_thread", RESIZE_PRELUDE + """
+    # No subclass: another thread pops the buffer and resizes it while the
+    # kernel runs with the GIL released.  A race: it tries for a while.
+    import threading
+    import time
+
+    o = fastsgd.SGD([big], lr=1e-6, momentum=0.9)
+    done = []
+
+    def meddle():
+        while not done:
+            bufs = [o.state[big].pop("momentum_buffer", None)]
+            try:
+                bufs.pop().resize((1,), refcheck=True)
+            except (ValueError, AttributeError):  # refused, or no buffer yet
+                pass
+
+    thread = threading.Thread(target=meddle)
+    thread.start()
+    deadline = time.time() + 1.5
+    while time.time() < deadline:
+        o.step()
+    done.append(1)
+    thread.join()
+""")
 add("buffer_swapped_unbound_is_unseen_but_safe", """
     # README: dict's methods called unbound go unseen; the step keeps the
     # buffer it cached, which it still holds a reference to.
