@@ -483,10 +483,10 @@ cdef inline void _let_go(PyObject *x) noexcept:
 
 cdef class _Batch:
     """The tensors of one dtype that a step updates, as the C driver takes
-    them.  It holds (_hold) each grad it points into until clear(), and each
-    buffer that the plan does not hold (the params and the steady state's
-    buffers).  Its storage only grows, so a steady-state step allocates
-    nothing."""
+    them.  Until clear(), it holds (_hold) each grad it points into, and each
+    buffer that its plan does not hold (a plan holds the params and the
+    steady state's buffers).  Its storage only grows, so a steady-state step
+    allocates nothing."""
     cdef Py_ssize_t count
     cdef Py_ssize_t capacity
     cdef void **params
