@@ -1162,7 +1162,7 @@ add("momentum_buffer_resized_by_an_earlier_groups_commit", RESIZE_PRELUDE + """
     hashes.clear()
     resize.append(lambda: o.state[big].pop("momentum_buffer").resize((1,), refcheck=True))
     try:
-        o.step()
+        o.step()  # raises from group 0's commit: group 0 has run, group 1 has not
     except ValueError as e:
         assert str(e).startswith(RESIZE_REFUSED), e
     else:
