@@ -1,4 +1,5 @@
-"""Builds fastsgd._native from fastsgd/_native.pyx and the C kernels in csrc/.
+"""Builds fastsgd._native: one extension per Cython module in fastsgd/_native/,
+the C kernels in csrc/ linked into fastsgd._native.kernels alone.
 
 The default build targets the baseline instruction set of the machine's
 architecture: the AVX2 and AVX-512 kernels are compiled per function and
@@ -57,18 +58,28 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
-extensions = [
-    Extension(
-        "fastsgd._native",
-        sources=["fastsgd/_native.pyx", "csrc/sgd_impls.c", "csrc/driver.c"],
-        depends=["csrc/fastsgd.h", "csrc/sgd_loop.h", "csrc/sgd_instantiate.h"],
+C_SOURCES = ["csrc/sgd_impls.c", "csrc/driver.c"]
+C_HEADERS = ["csrc/fastsgd.h", "csrc/sgd_loop.h", "csrc/stream_loop.h", "csrc/clip_loop.h",
+             "csrc/sgd_instantiate.h"]
+# In import order: each module cimports only those before it.
+NATIVE_MODULES = ["kernels", "batch", "plan", "stepper", "clip", "roofline"]
+
+
+def native_extension(module):
+    return Extension(
+        f"fastsgd._native.{module}",
+        sources=[f"fastsgd/_native/{module}.pyx"] + (C_SOURCES if module == "kernels" else []),
+        depends=C_HEADERS,
         libraries=["m"],
         include_dirs=[numpy.get_include(), "csrc"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
-]
+
+
+extensions = [native_extension(module) for module in NATIVE_MODULES]
 
 setup(
-    ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}),
+    ext_modules=cythonize(extensions, compiler_directives={"language_level": "3",
+                                                       "embedsignature": True}),
     cmdclass={"build_ext": BuildExt},
 )

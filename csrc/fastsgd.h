@@ -1,9 +1,13 @@
-/* fastsgd: multi-tensor SGD kernels over raw float32/float64 buffers.
+/* fastsgd's C ABI: multi-tensor SGD, roofline and clipping kernels over raw
+ * float32/float64 buffers, the choice of kernel and the threads.
  *
- * The kernels only compute: the caller (fastsgd/_native.pyx) has already
- * checked that every pointer is valid for `sizes[t]` elements, that the
- * param, grad and buffer of a tensor do not partially overlap, and that
- * `bufs` is non-NULL whenever momentum != 0.  They never fail. */
+ * The kernels only compute: the caller (fastsgd/_native/, whose rules.pxd
+ * states the checks) has already checked that every pointer is valid for
+ * `sizes[t]` elements of the list's dtype, that the param, grad and buffer
+ * of a tensor do not partially overlap, and that `bufs` is non-NULL
+ * whenever momentum != 0.  They never fail, allocate nothing, call no
+ * Python and may run without the GIL.  Each function below says what it
+ * reads and what it writes; it touches nothing else. */
 #ifndef FASTSGD_H
 #define FASTSGD_H
 
@@ -76,16 +80,23 @@ const fastsgd_impl *fastsgd_best_impl(void);
 const char *const *fastsgd_impl_names(void);
 
 /* One SGD step of every tensor of `list`, split over threads unless
- * `serial` (tensors of the list share memory and must step in order). */
+ * `serial` (tensors of the list share memory and must step in order).
+ * Reads *h, the list, params[t], grads[t] and (when momentum != 0 and not
+ * buf_is_new[t]) bufs[t]; writes params[t] and, when momentum != 0,
+ * bufs[t], each element once, for t < ntensors. */
 void fastsgd_sgd(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
                  const fastsgd_tensor_list *list, int serial);
 
-/* The roofline loop over `list`, split over threads exactly as fastsgd_sgd. */
+/* The roofline loop over `list`, split over threads exactly as fastsgd_sgd:
+ * reads and writes the same arrays, with next to no arithmetic (the values
+ * it leaves are meaningless: it is for timing only). */
 void fastsgd_stream(const fastsgd_impl *impl, int dtype, const fastsgd_tensor_list *list,
                     int serial);
 
-/* The clipping loops over `ntensors` arrays of one dtype, one call for all:
- * norms[t] receives the p-norm of arrays[t]. */
+/* The clipping loops over `ntensors` arrays of one dtype, one call for all,
+ * on the calling thread.  fastsgd_norms reads arrays[t] and writes norms[t]
+ * (the p-norm of arrays[t]); fastsgd_scale and fastsgd_clamp read and
+ * write arrays[t] in place. */
 void fastsgd_norms(const fastsgd_impl *impl, int dtype, int64_t ntensors,
                    const void *const *arrays, const int64_t *sizes, double p, double *norms);
 void fastsgd_scale(const fastsgd_impl *impl, int dtype, int64_t ntensors, void *const *arrays,
@@ -94,7 +105,8 @@ void fastsgd_clamp(const fastsgd_impl *impl, int dtype, int64_t ntensors, void *
                    const int64_t *sizes, double lo, double hi);
 
 /* Threads a call may use (OpenMP's max threads, honouring OMP_NUM_THREADS);
- * 1 in a build without OpenMP. */
+ * 1 in a build without OpenMP.  Setting it writes OpenMP's process-wide
+ * setting, which every library sharing the OpenMP runtime sees. */
 int fastsgd_get_num_threads(void);
 void fastsgd_set_num_threads(int n);
 
@@ -110,7 +122,8 @@ int fastsgd_threads_for(int dtype, int64_t total, int with_buffers);
 typedef void (*fastsgd_range_fn)(void *ctx, int64_t begin, int64_t end);
 int fastsgd_parallel_ranges(int64_t n, int64_t min_per_thread, fastsgd_range_fn fn, void *ctx);
 
-/* Memory traffic per thread below which a call uses fewer threads. */
+/* Memory traffic per thread below which a call uses fewer threads: one
+ * process-wide value, read by every call. */
 int64_t fastsgd_get_parallel_min_bytes(void);
 void fastsgd_set_parallel_min_bytes(int64_t bytes);
 

@@ -1,6 +1,6 @@
-/* Instantiates the SGD and roofline loops of sgd_loop.h and the clipping
- * loops of clip_loop.h for float32 and float64 as the implementation
- * `impl_<IMPL_NAME>`.  Before including,
+/* Instantiates the SGD loop of sgd_loop.h, the roofline loop of
+ * stream_loop.h and the clipping loops of clip_loop.h for float32 and
+ * float64 as the implementation `impl_<IMPL_NAME>`.  Before including,
  * define IMPL_NAME, IMPL_TARGET, IMPL_MADD_F32 and IMPL_MADD_F64. */
 #define IMPL_STR_(x) #x
 #define IMPL_STR(x) IMPL_STR_(x)
@@ -18,6 +18,7 @@
 #define SCALE_FN IMPL_CAT(scale_f32_, IMPL_NAME)
 #define CLAMP_FN IMPL_CAT(clamp_f32_, IMPL_NAME)
 #include "sgd_loop.h"
+#include "stream_loop.h"
 #include "clip_loop.h"
 #undef SGD_T
 #undef SGD_UINT
@@ -37,6 +38,7 @@
 #define SCALE_FN IMPL_CAT(scale_f64_, IMPL_NAME)
 #define CLAMP_FN IMPL_CAT(clamp_f64_, IMPL_NAME)
 #include "sgd_loop.h"
+#include "stream_loop.h"
 #include "clip_loop.h"
 #undef SGD_T
 #undef SGD_UINT

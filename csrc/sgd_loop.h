@@ -3,7 +3,6 @@
  *   SGD_T         element type (float or double)
  *   SGD_UINT      the unsigned integer type of the same size
  *   SGD_FN        name of the range function to define
- *   STREAM_FN     name of the roofline range function to define
  *   SGD_MADD(a, b, c)  c + a * b, rounded the way the instantiation wants
  *   SGD_TARGET    the instruction set attribute (may be empty)
  *
@@ -96,19 +95,3 @@ SGD_TARGET static void SGD_FN(const fastsgd_sgd_hyper *h, void *p_, const void *
 }
 
 #undef SGD_BODY
-
-SGD_TARGET static void STREAM_FN(void *p_, const void *g_, void *b_, int64_t n)
-{
-    SGD_T *restrict p = (SGD_T *)p_;
-    const SGD_T *restrict g = (const SGD_T *)g_;
-    SGD_T *restrict b = (SGD_T *)b_;
-    if (b) {
-        for (int64_t i = 0; i < n; i++) {
-            b[i] = b[i] + g[i];
-            p[i] = p[i] + b[i];
-        }
-    } else {
-        for (int64_t i = 0; i < n; i++)
-            p[i] = p[i] + g[i];
-    }
-}

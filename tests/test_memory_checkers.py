@@ -15,7 +15,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DRIVER = ROOT / "tests" / "data" / "native_paths.py"
 # A report is ours when one of its frames is in the extension or csrc/.
-OUR_FRAME = re.compile(r"(_native\.cpython|_native\.c|sgd_impls\.c|driver\.c|sgd_loop\.h)")
+OUR_FRAME = re.compile(r"(fastsgd_7_native|fastsgd/_native/|sgd_impls\.c|driver\.c|_loop\.h)")
 REPORT = re.compile(r"(Invalid (read|write|free)|uninitialised|Mismatched|definitely lost|"
                     r"Syscall param|Source and destination overlap)")
 

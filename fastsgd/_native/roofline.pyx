@@ -1,0 +1,104 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+"""The benchmark's rooflines: the least a step over these arrays can cost.
+
+Outside the product's step path: fastsgd.bench times Roofline beside the
+optimizers.  It reuses a GroupPlan's batches and the kernels' split over
+threads, so that it streams exactly the memory a step does, the same way.
+"""
+from cpython.object cimport PyObject
+from libc.stdint cimport int64_t
+
+from fastsgd._native cimport kernels
+from fastsgd._native.batch cimport Batch, StagingJob, dtype_of, put_entry
+from fastsgd._native.kernels cimport FASTSGD_F32, FASTSGD_F64
+from fastsgd._native.objects cimport (GRAD_OFFSET, PyListObject, array_ptr, grad_slot,
+                                      init_objects, size_of)
+from fastsgd._native.plan cimport MIN_TENSORS_PER_STAGING_THREAD, GroupPlan
+
+from fastsgd.parameter import Parameter
+
+init_objects()
+
+
+cdef class Roofline:
+    """The roofline of a step: the C streaming loop with the same reads and
+    writes per element as SGD over these arrays, split over threads the same
+    way.  Calling it runs one pass; it writes into params and buffers.
+
+    With read_objects, each pass first finds the arrays from the Python
+    objects, as a step must: each parameter's grad from its slot, and the
+    data and shape of the parameter, its grad and its buffer (a pass covers
+    the fewest elements of the three, so that it never runs past an array).
+    It checks nothing else, and reads on as many threads as a step stages
+    on, so it is the least a step of Python arrays costs: the objects sit
+    apart from the arrays and are read cold after a backward pass.  It needs
+    Parameters of one dtype whose grads stay the ones it was made with."""
+    cdef GroupPlan plan
+    cdef list params  # the batches point into them
+    cdef list buffers  # None without momentum
+    cdef Batch objects_batch  # the batch read_objects rewrites, else None
+
+    def __init__(self, params, grads, momentum_buffers, read_objects=False):
+        self.params = list(params)
+        self.plan = GroupPlan()
+        options = {"lr": 0.0, "momentum": 1.0 if momentum_buffers else 0.0,
+                   "dampening": 0.0, "weight_decay": 0.0, "nesterov": False,
+                   "maximize": False}
+        self.plan.prepare_lists(self.params, list(grads),
+                                list(momentum_buffers) or [None] * len(self.params), options)
+        if self.plan.new_buffers:
+            raise ValueError("the roofline needs existing momentum buffers")
+        if not read_objects:
+            return
+        if not (GRAD_OFFSET >= 0 and all(type(p) is Parameter for p in self.params)
+                and len({p.dtype for p in self.params}) <= 1
+                and all(g is not None and p.grad is g for p, g in zip(self.params, grads))):
+            raise ValueError("reading objects needs Parameters of one dtype whose .grad "
+                             "are the grads given")
+        self.buffers = list(momentum_buffers) or None
+        self.objects_batch = self.plan.f64 if self.plan.f64.count else self.plan.f32
+
+    def __call__(self):
+        if self.objects_batch is not None:
+            self.read_objects()
+        self.plan.run(True)
+
+    cdef int read_objects(self) except -1:
+        cdef Batch batch = self.objects_batch
+        cdef StagingJob job
+        job.params = (<PyListObject *>self.params).ob_item
+        job.buffers = NULL if self.buffers is None else (<PyListObject *>self.buffers).ob_item
+        job.results = self.plan.staged
+        batch.lend_arrays(&job, FASTSGD_F64 if batch is self.plan.f64 else FASTSGD_F32)
+        cdef Py_ssize_t i, n = batch.count
+        # on as many threads as a step would stage these tensors on
+        if kernels.parallel_ranges(n, MIN_TENSORS_PER_STAGING_THREAD, _read_objects,
+                                   &job) <= 1:
+            _read_objects(&job, 0, n)
+        for i in range(n):
+            if job.results[i] < 0:
+                raise ValueError(f"params[{i}].grad changed since the roofline was made")
+        return 0
+
+
+cdef void _read_objects(void *job_, int64_t begin, int64_t end) noexcept nogil:
+    """Roofline.read_objects for positions [begin, end), on any thread while
+    the caller holds the GIL.  Refuses (results[i] = -1) a grad other than
+    the one the batch holds: only that one is safe to read."""
+    cdef StagingJob *job = <StagingJob *>job_
+    cdef array_ptr param
+    cdef PyObject *grad
+    cdef PyObject *buf
+    cdef int64_t i, size
+    for i in range(begin, end):
+        param = <array_ptr>job.params[i]
+        grad = grad_slot(<PyObject *>param)
+        if grad != job.held[dtype_of(param)][2 * i]:
+            job.results[i] = -1
+            continue
+        job.results[i] = 0
+        size = min(size_of(param), size_of(<array_ptr>grad))
+        buf = job.buffers[i] if job.buffers != NULL else NULL
+        if buf != NULL:
+            size = min(size, size_of(<array_ptr>buf))
+        put_entry(job, i, param, grad, buf, size)

@@ -1,0 +1,199 @@
+# The input rules of a step: each rule's fast check next to the error that explains it.
+#
+# A step tests every tensor with steps_as_is() alone; only a tensor it refuses goes to
+# explain_rejection(), which finds the rule broken and raises.  The two must agree: a
+# rule changed in one is changed in the other, a few lines away.  Errors name the
+# input as the user wrote it: param_groups[g]['params'][i] for an optimizer's group g,
+# params[i] for the functional API (group -1).
+cimport numpy as cnp
+from cpython.dict cimport PyDict_GetItemWithError
+from cpython.long cimport PyLong_AsDouble
+from cpython.object cimport PyObject
+
+from fastsgd._native.objects cimport DENSE, NPY_OPPBYTE, array_ptr, is_array, itemsize, size_of
+
+
+cdef inline str where(Py_ssize_t group_index, Py_ssize_t index):
+    if group_index < 0:
+        return f"params[{index}]"
+    return f"param_groups[{group_index}]['params'][{index}]"
+
+
+cdef inline str where_option(Py_ssize_t group_index, str key):
+    if group_index < 0:
+        return key
+    return f"param_groups[{group_index}]['{key}']"
+
+
+# ------------------------------------------------------------- hyperparameters
+
+cdef inline object option(dict options, str key, Py_ssize_t group_index):
+    cdef PyObject *value = PyDict_GetItemWithError(options, key)
+    if value == NULL:
+        raise KeyError(f"{where_option(group_index, key)} is missing")
+    return <object>value
+
+
+cdef inline double real_option(dict options, str key, Py_ssize_t group_index) except? -1.0:
+    value = option(options, key, group_index)
+    if type(value) is float:
+        return <double>value
+    if cnp.PyArray_Check(value) and cnp.PyArray_SIZE(<cnp.ndarray>value) == 1:
+        value = value.item()  # a 1-element array, as torch takes a 1-element Tensor lr
+    # float() also parses strings: "0.1" is no more a number here than in torch.
+    if not isinstance(value, (str, bytes, bytearray)):
+        try:
+            if type(value) is int:  # defaults such as dampening=0: no float object
+                return PyLong_AsDouble(value)
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+        except OverflowError:
+            raise ValueError(f"{where_option(group_index, key)} is out of the range "
+                             f"of a float") from None
+    raise TypeError(f"{where_option(group_index, key)} must be a real number, "
+                    f"but got {type(value).__name__}")
+
+
+cdef inline bint flag_option(dict options, str key, Py_ssize_t group_index) except -1:
+    value = option(options, key, group_index)
+    try:
+        return bool(value)
+    except Exception:
+        raise TypeError(f"{where_option(group_index, key)} must be a bool, but got "
+                        f"{type(value).__name__}") from None
+
+
+# ------------------------------------------------------------------- arrays
+
+# Rule: an array the kernel reads or writes is a float32 or float64 numpy
+# array, aligned, in native byte order, and writeable if written.
+cdef inline bint is_float_array(PyObject *x, bint must_write) noexcept nogil:
+    if not is_array(x):
+        return False
+    cdef array_ptr a = <array_ptr>x
+    cdef int need = cnp.NPY_ARRAY_ALIGNED | (cnp.NPY_ARRAY_WRITEABLE if must_write else 0)
+    return ((a.descr.type_num == cnp.NPY_FLOAT32 or a.descr.type_num == cnp.NPY_FLOAT64)
+            and (a.flags & need) == need and a.descr.byteorder != NPY_OPPBYTE)
+
+
+cdef inline int check_float_array(object x, str what, Py_ssize_t group_index,
+                                  Py_ssize_t index, bint must_write) except -1:
+    if not cnp.PyArray_Check(x):
+        raise TypeError(f"{where(group_index, index)}: {what} must be a numpy array, "
+                        f"but got {type(x).__name__}")
+    cdef cnp.ndarray arr = <cnp.ndarray>x
+    cdef int typenum = cnp.PyArray_TYPE(arr)
+    if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
+        raise TypeError(f"{where(group_index, index)}: {what} must be float32 or "
+                        f"float64, but got {arr.dtype}")
+    if not cnp.PyArray_ISNOTSWAPPED(arr) or not cnp.PyArray_ISALIGNED(arr):
+        raise ValueError(f"{where(group_index, index)}: {what} must be aligned and in "
+                         f"native byte order")
+    if must_write and not cnp.PyArray_ISWRITEABLE(arr):
+        raise ValueError(f"{where(group_index, index)}: {what} is read-only")
+    return 0
+
+
+# Rule: a grad or buffer matches its parameter in shape, dtype and memory
+# order: the kernel walks all three as one flat run of elements.
+cdef inline bint is_like(array_ptr p, PyObject *x, bint must_write) noexcept nogil:
+    if not is_float_array(x, must_write):
+        return False
+    cdef array_ptr a = <array_ptr>x
+    if a.descr.type_num != p.descr.type_num or a.nd != p.nd:
+        return False
+    cdef int d
+    for d in range(p.nd):
+        if a.dimensions[d] != p.dimensions[d]:
+            return False
+    return (a.flags & p.flags & DENSE) != 0
+
+
+cdef inline int check_like(cnp.ndarray param, object x, str what, Py_ssize_t group_index,
+                           Py_ssize_t index, bint must_write) except -1:
+    check_float_array(x, what, group_index, index, must_write)
+    cdef cnp.ndarray arr = <cnp.ndarray>x
+    if cnp.PyArray_TYPE(arr) != cnp.PyArray_TYPE(param):
+        raise TypeError(f"{where(group_index, index)}: {what} has dtype {arr.dtype}, "
+                        f"but the parameter has dtype {param.dtype}")
+    cdef int ndim = cnp.PyArray_NDIM(param)
+    cdef int d
+    cdef bint same_shape = cnp.PyArray_NDIM(arr) == ndim
+    if same_shape:
+        for d in range(ndim):
+            if cnp.PyArray_DIM(arr, d) != cnp.PyArray_DIM(param, d):
+                same_shape = False
+                break
+    if not same_shape:
+        raise ValueError(f"{where(group_index, index)}: {what} has shape {(<object>arr).shape}, "
+                         f"but the parameter has shape {(<object>param).shape}")
+    if not ((cnp.PyArray_IS_C_CONTIGUOUS(param) and cnp.PyArray_IS_C_CONTIGUOUS(arr))
+            or (cnp.PyArray_IS_F_CONTIGUOUS(param) and cnp.PyArray_IS_F_CONTIGUOUS(arr))):
+        raise ValueError(f"{where(group_index, index)}: {what} must be contiguous in "
+                         f"the same order as the parameter (C or Fortran)")
+    return 0
+
+
+# Rule: a grad is its parameter or shares none of its memory (an element-wise
+# update reads each element before writing it; a partial overlap would read
+# elements already written); a buffer shares memory with neither.  Both
+# arrays are dense and of one size (checked before).
+cdef inline bint apart(array_ptr a, array_ptr b, Py_ssize_t nbytes) noexcept nogil:
+    return nbytes == 0 or a.data + nbytes <= b.data or b.data + nbytes <= a.data
+
+
+cdef inline bint disjoint(cnp.ndarray a, cnp.ndarray b) noexcept:
+    return apart(<array_ptr>a, <array_ptr>b, cnp.PyArray_NBYTES(a))
+
+
+cdef inline bint same_or_disjoint(cnp.ndarray a, cnp.ndarray b) noexcept:
+    return cnp.PyArray_DATA(a) == cnp.PyArray_DATA(b) or disjoint(a, b)
+
+
+# ------------------------------------------------------------- a whole tensor
+
+# Every rule above for a parameter, its grad and its buffer (NULL without
+# momentum): the fast path of every step, and the error that explains a
+# refusal.  A parameter is contiguous: it is updated in place.
+cdef inline Py_ssize_t steps_as_is(PyObject *param, PyObject *grad,
+                                   PyObject *buf) noexcept nogil:
+    """The number of elements of param when the tensor passes every rule,
+    else -1."""
+    if not is_float_array(param, True):
+        return -1
+    cdef array_ptr p = <array_ptr>param
+    if not (p.flags & DENSE) or not is_like(p, grad, False):
+        return -1
+    cdef array_ptr g = <array_ptr>grad
+    cdef Py_ssize_t size = size_of(p)
+    cdef Py_ssize_t nbytes = size * itemsize(p)
+    if not (g.data == p.data or apart(p, g, nbytes)):
+        return -1
+    if buf == NULL:
+        return size
+    cdef array_ptr b = <array_ptr>buf
+    if is_like(p, buf, True) and apart(p, b, nbytes) and apart(g, b, nbytes):
+        return size
+    return -1
+
+
+cdef inline int explain_rejection(object param, object grad, object buf,
+                                  Py_ssize_t group_index, Py_ssize_t index) except -1:
+    """Raise the error that says which rule param, grad or buf breaks."""
+    check_float_array(param, "parameter", group_index, index, True)
+    cdef cnp.ndarray p = <cnp.ndarray>param
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(p) or cnp.PyArray_IS_F_CONTIGUOUS(p)):
+        raise ValueError(f"{where(group_index, index)}: parameter must be contiguous "
+                         f"(C or Fortran order); it is updated in place, never "
+                         f"through a copy")
+    check_like(p, grad, "grad", group_index, index, False)
+    if not same_or_disjoint(p, <cnp.ndarray>grad):
+        raise ValueError(f"{where(group_index, index)}: grad partially overlaps the "
+                         f"parameter's memory")
+    if buf is not None:
+        check_like(p, buf, "momentum_buffer", group_index, index, True)
+        if not (disjoint(p, <cnp.ndarray>buf) and disjoint(<cnp.ndarray>grad, <cnp.ndarray>buf)):
+            raise ValueError(f"{where(group_index, index)}: momentum_buffer shares "
+                             f"memory with the parameter or its grad")
+    raise AssertionError(f"{where(group_index, index)}: rejected by no rule")
