@@ -1,0 +1,9 @@
+# Stub of the extension fastsgd._native.roofline (the benchmark's rooflines).
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+class Roofline:
+    def __init__(self, params: Iterable[np.ndarray], grads: Iterable[np.ndarray],
+                 momentum_buffers: Sequence[np.ndarray], read_objects: bool = False) -> None: ...
+    def __call__(self) -> None: ...
