@@ -1,6 +1,9 @@
 """python -m fastsgd bench: compare fastsgd with torch, the numpy reference and
 the memory roofline (see fastsgd/bench.py).
 
+python -m fastsgd report: the benchmark's JSON as tables, and the docs' tables
+regenerated from it (see fastsgd/report.py).
+
 python -m fastsgd check: train a small numpy MLP with the param-group idiom
 and compare every step with fastsgd.reference and, where installed, torch."""
 import argparse
@@ -52,7 +55,7 @@ def check(steps=50, lr=0.01):
     try:
         import torch
     except ImportError:
-        torch = None
+        torch = None  # type: ignore[assignment]
         print("torch is not installed: comparing with fastsgd.reference only")
     if torch is not None:
         torch_params = [torch.nn.Parameter(torch.from_numpy(np.array(p)))
@@ -114,6 +117,9 @@ def main(argv=None):
                            help="seconds of timing per measurement (default 0.5)")
     bench_cmd.add_argument("--json", default="fastsgd-bench.json",
                            help="where to write the results ('' for nowhere)")
+    bench_cmd.add_argument("--label", default="",
+                           help="what this run is, recorded in the JSON and shown with the "
+                                "tables generated from it (e.g. 'reduced run')")
     bench_cmd.add_argument("--png", help="also draw a chart there (needs matplotlib: "
                                          "pip install 'fastsgd[plot]')")
     bench_cmd.add_argument("--cache", choices=["cold", "warm"],
@@ -121,13 +127,28 @@ def main(argv=None):
                                 "cache, as after a backward pass; warm runs the same peer's "
                                 "step once before, as back-to-back steps do (default: warm "
                                 "for W4, which measures call overhead, cold for the rest)")
+    report_cmd = commands.add_parser("report", help="a benchmark's JSON as tables; with "
+                                                    "--docs, rewrite the docs' tables from it")
+    report_cmd.add_argument("json", nargs="?", default="docs/_data/fastsgd-bench.json",
+                            help="what the bench command wrote (default: the one the docs "
+                                 "are made from, docs/_data/fastsgd-bench.json)")
+    report_cmd.add_argument("--docs", action="store_true",
+                            help="rewrite the generated regions of README.md and "
+                                 "docs/performance.md (run from the repository's root)")
+    report_cmd.add_argument("--check", action="store_true",
+                            help="exit 1 if those regions are not what the JSON generates")
+    report_cmd.add_argument("--root", default=".", help="the repository (default: here)")
     args = parser.parse_args(argv)
     if args.command == "check":
         return check(steps=args.steps)
+    if args.command == "report":
+        from . import report
+
+        return report.main(args.json, docs=args.docs, check=args.check, root=args.root)
     from . import bench
 
     return bench.main(args.workloads, tuple(args.threads), args.budget, args.json, args.peers,
-                      args.png, args.cache)
+                      args.png, args.cache, args.label)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,14 @@ import glob
 import json
 import math
 import operator
+import os
 import platform
 import random
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import numpy as np
 
@@ -255,7 +257,7 @@ def measure_together(steps, budget_s, min_rounds=15, max_rounds=200, before_samp
     batches, firsts = zip(*(sized(k) for k in range(len(steps))))
     per_round = sum(b * f for b, f in zip(batches, firsts))
     rounds = int(min(max_rounds, max(min_rounds, budget_s * len(steps) / max(per_round, 1e-9))))
-    samples = [[] for _ in steps]
+    samples: list[list[float]] = [[] for _ in steps]
     block = list(back_to_back)
     units = [block] * bool(block) + [[k] for k in range(len(steps)) if k not in block]
     shuffle = random.Random(0).shuffle
@@ -285,6 +287,22 @@ _BACK_TO_BACK_PEERS = ("fastsgd", "roofline", "roofline reading objects", "torch
 # read 99.2-99.7%), and torch's for-loop and foreach make a round of all
 # peers take over a second.
 _TARGET_ROUNDS = 30
+
+
+def _measure_samples(samples, steps, flush, budget_s, **kwargs):
+    """measure_together over samples, (peer, threads) pairs of steps (a
+    workload's steps by peer), each sample at its thread count and from its
+    cache state: flushed by flush(), or warm (flush None) from a step of the
+    same peer just before."""
+    def before_sample(i):
+        peer, t = samples[i]
+        _use_threads(t)
+        if flush is not None:
+            flush()
+        else:  # what the peer's own previous step leaves in cache
+            steps[peer]()
+    return measure_together([steps[p] for p, _ in samples], budget_s,
+                            before_sample=before_sample, **kwargs)
 
 
 def run(workloads=None, threads=(1, 2), peers=None, budget_s=0.5, progress=sys.stderr,
@@ -319,27 +337,20 @@ def run(workloads=None, threads=(1, 2), peers=None, budget_s=0.5, progress=sys.s
             alone = [(p, min(threads)) for p, step in steps.items() if step is not None
                      and p in _SLOW_PEERS]
 
-            def measure(samples, **kwargs):
-                def before_sample(i):
-                    peer, t = samples[i]
-                    _use_threads(t)
-                    if state == "cold":
-                        flush()
-                    else:  # what the peer's own previous step leaves in cache
-                        steps[peer]()
-                return measure_together([steps[p] for p, _ in samples], budget_s,
-                                        before_sample=before_sample, **kwargs)
-
+            sampling = (steps, flush if state == "cold" else None, budget_s)
             targets = [i for i, (p, _) in enumerate(together) if p in _BACK_TO_BACK_PEERS]
-            rounds = dict(zip(together, measure(together, back_to_back=targets)))
+            rounds = dict(zip(together, _measure_samples(together, *sampling,
+                                                         back_to_back=targets)))
             if targets:
-                more = measure([together[i] for i in targets], back_to_back=range(len(targets)),
-                               min_rounds=_TARGET_ROUNDS, max_rounds=_TARGET_ROUNDS)
+                more = _measure_samples([together[i] for i in targets], *sampling,
+                                        back_to_back=range(len(targets)),
+                                        min_rounds=_TARGET_ROUNDS, max_rounds=_TARGET_ROUNDS)
                 for i, times in zip(targets, more):
                     rounds[together[i]] += times
             seconds = {sample: statistics.median(times) for sample, times in rounds.items()}
             for sample in alone:
-                seconds[sample] = statistics.median(measure([sample], min_rounds=3)[0])
+                seconds[sample] = statistics.median(
+                    _measure_samples([sample], *sampling, min_rounds=3)[0])
             del steps, model
             steal = steal_share(ticks, cpu_ticks())
             for (p, t), sec in sorted(seconds.items(), key=lambda item: item[0][1]):
@@ -357,7 +368,7 @@ def run(workloads=None, threads=(1, 2), peers=None, budget_s=0.5, progress=sys.s
                       flush=True)
     finally:
         fastsgd.set_num_threads(saved_threads)
-        if saved_torch_threads is not None:
+        if torch is not None:
             torch.set_num_threads(saved_torch_threads)
     return results
 
@@ -382,8 +393,8 @@ class _Paired:
 
     def __call__(self, f, *keys):
         """f of the times of keys, or None if one is missing."""
-        rows = [self.rows.get(key) for key in keys]
-        if None in rows:
+        rows = [self.rows[key] for key in keys if key in self.rows]
+        if len(rows) < len(keys):
             return None
         rounds = [row.get("rounds") for row in rows]
         if all(rounds):
@@ -394,16 +405,18 @@ class _Paired:
         return self(operator.truediv, top, bottom)
 
 
-def table(results):
+def table(results, columns=None):
     """The results as a markdown table: fastsgd's time, bandwidth and its
     ratio to each peer (peer time / fastsgd time; > 1 means fastsgd is faster),
-    and the share of each roofline it reaches; ratios as _Paired takes them."""
+    and the share of each roofline it reaches; ratios as _Paired takes them.
+    columns, if given, names the columns to keep (by their header)."""
     paired = _Paired(results)
     rooflines = [p for p in PEERS if p.startswith("roofline")]
     peers = [p for p in PEERS if p != "fastsgd" and p not in rooflines]
     header = (["workload", "threads", "fastsgd", "GB/s"] + [f"% of {p}" for p in rooflines]
               + [f"x vs {p}" for p in peers])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    kept = [i for i, name in enumerate(header) if columns is None or name in columns]
+    lines = ["| " + " | ".join(header[i] for i in kept) + " |", "|" + "---|" * len(kept)]
     described = {w.name: w for w in WORKLOADS}
     for r in results:
         if r["peer"] != "fastsgd":
@@ -418,7 +431,7 @@ def table(results):
             other = paired.ratio((w, p, t), mine) or (
                 paired.ratio((w, p, 1), mine) if p == "reference" else None)
             cells.append(f"{other:.2f}" if other else "-")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cells[i] for i in kept) + " |")
     return "\n".join(lines)
 
 
@@ -497,7 +510,7 @@ def plot(results, path):
 
 
 def machine():
-    info = {"python": sys.version.split()[0], "numpy": np.__version__,
+    info = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "numpy": np.__version__,
             "fastsgd": fastsgd.__version__, "kernel": fastsgd.cpu_capability(),
             "openmp": fastsgd.has_openmp(), "machine": platform.machine(),
             "processor": platform.processor()}
@@ -517,8 +530,14 @@ def machine():
 
 
 def main(workloads=None, threads=(1, 2), budget_s=0.5, json_path="fastsgd-bench.json",
-         peers=None, png_path=None, cache=None):
+         peers=None, png_path=None, cache=None, label=""):
     info = machine()
+    # what was run and when, so that the tables generated from the JSON
+    # (python -m fastsgd report) can say it
+    settings = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "label": label, "workloads": workloads or [w.name for w in WORKLOADS],
+                "threads": list(threads), "peers": peers or list(PEERS),
+                "budget_s": budget_s, "cache": cache}
     print(f"fastsgd bench: kernel {info['kernel']}, torch {info['torch'] or 'not installed'}, "
           f"{info.get('cpu', info['machine'])}", flush=True)
     if info["torch"] is None:
@@ -533,7 +552,7 @@ def main(workloads=None, threads=(1, 2), budget_s=0.5, json_path="fastsgd-bench.
         print(limits)
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"machine": info, "results": results}, f, indent=1)
+            json.dump({"machine": info, "run": settings, "results": results}, f, indent=1)
         print(f"\nwrote {json_path}")
     if png_path:
         plot(results, png_path)
