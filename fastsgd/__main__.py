@@ -18,10 +18,11 @@ class MLP:
     """tanh MLP with a hand-written backward pass: backbone (W1, b1), head (W2, b2)."""
 
     def __init__(self, rng, n_in=20, n_hidden=64, dtype=np.float32):
-        self.backbone = [fastsgd.Parameter((rng.standard_normal((n_in, n_hidden)) / n_in ** 0.5).astype(dtype)),
+        w1 = rng.standard_normal((n_in, n_hidden)) / n_in ** 0.5
+        w2 = rng.standard_normal((n_hidden, 1)) / n_hidden ** 0.5
+        self.backbone = [fastsgd.Parameter(w1.astype(dtype)),
                          fastsgd.Parameter(np.zeros(n_hidden, dtype))]
-        self.head = [fastsgd.Parameter((rng.standard_normal((n_hidden, 1)) / n_hidden ** 0.5).astype(dtype)),
-                     fastsgd.Parameter(np.zeros(1, dtype))]
+        self.head = [fastsgd.Parameter(w2.astype(dtype)), fastsgd.Parameter(np.zeros(1, dtype))]
 
     def arrays(self):
         return self.backbone + self.head

@@ -18,6 +18,7 @@ import warnings
 from bisect import bisect_right
 from collections import Counter
 from functools import partial, wraps
+from typing import Optional
 from weakref import ref
 
 import numpy as np
@@ -211,7 +212,7 @@ class LRScheduler:
     _is_initial = False
     # The attribute whose items state_dict() packs one by one (with _pack_item)
     # rather than keeping them as they are: functions, or nested schedulers.
-    _packed_attr = None
+    _packed_attr: Optional[str] = None
 
     def __init__(self, optimizer, last_epoch=-1):
         _check_optimizer(optimizer)

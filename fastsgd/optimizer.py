@@ -11,7 +11,7 @@ import functools
 import warnings
 import weakref
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from copy import deepcopy
 from itertools import chain
 
@@ -116,8 +116,8 @@ class RemovableHandle:
         self.remove()
 
 
-_global_optimizer_pre_hooks = OrderedDict()
-_global_optimizer_post_hooks = OrderedDict()
+_global_optimizer_pre_hooks: "OrderedDict[int, Callable]" = OrderedDict()
+_global_optimizer_post_hooks: "OrderedDict[int, Callable]" = OrderedDict()
 
 
 def register_optimizer_step_pre_hook(hook):

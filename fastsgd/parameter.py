@@ -29,7 +29,7 @@ class Parameter(np.ndarray):
 
     # .grad lives in a slot: the native step reads it at a fixed offset.
     __slots__ = ("grad", "__dict__")
-    __hash__ = object.__hash__
+    __hash__ = object.__hash__  # type: ignore[assignment]  # ndarray's is None
 
     def __new__(cls, data, dtype=None):
         array = np.asarray(data, dtype=dtype)

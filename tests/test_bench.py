@@ -14,7 +14,6 @@ import pytest
 import fastsgd
 from fastsgd import bench
 
-
 needs_openmp = pytest.mark.skipif(not fastsgd.has_openmp(), reason="built without OpenMP")
 
 

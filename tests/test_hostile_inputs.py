@@ -867,11 +867,13 @@ add("hyperparameters_of_other_types_like_torch", """
 
 add("buffer_wrong_shape", """
     opt.state[P0[1]]["momentum_buffer"] = np.zeros(6, np.float32)
-    expect_error(ValueError, W(0, 1) + re.escape("momentum_buffer has shape (6,), but the parameter has shape (2, 3)"))
+    expect_error(ValueError, W(0, 1) + re.escape(
+        "momentum_buffer has shape (6,), but the parameter has shape (2, 3)"))
 """)
 add("buffer_wrong_dtype", """
     opt.state[P0[0]]["momentum_buffer"] = opt.state[P0[0]]["momentum_buffer"].astype(np.float64)
-    expect_error(TypeError, W(0, 0) + "momentum_buffer has dtype float64, but the parameter has dtype float32")
+    expect_error(TypeError, W(0, 0)
+                 + "momentum_buffer has dtype float64, but the parameter has dtype float32")
 """)
 add("buffer_int_dtype", """
     opt.state[P1[2]]["momentum_buffer"] = np.zeros((), np.int64)

@@ -559,8 +559,8 @@ def test_no_momentum_to_cycle():
     opt = Plain([fastsgd.Parameter(np.zeros(2))])
     ref = torch.optim.Adagrad([torch.nn.Parameter(torch.zeros(2))])
     for make in (lambda L, o: L.CyclicLR(o, 0.1, 1.0), lambda L, o: L.OneCycleLR(o, 1.0, 10)):
-        fast = _outcome(lambda: make(fast_sched, opt))
-        assert fast == _outcome(lambda: make(torch_sched, ref))
+        fast = _outcome(lambda make=make: make(fast_sched, opt))
+        assert fast == _outcome(lambda make=make: make(torch_sched, ref))
         assert fast == ("ValueError",
                         "optimizer must support momentum or beta1 with `cycle_momentum` option enabled")
     # Without momentum cycling it runs, and lr follows the cycle.

@@ -117,7 +117,7 @@ def test_grid(capability, dtype, options):
         for twins in models:
             # Some grads missing: a param whose grad appears late starts its
             # momentum buffer then.
-            twins.set_grads(rng, lambda i: (i + step) % 3 != 0)
+            twins.set_grads(rng, lambda i, step=step: (i + step) % 3 != 0)
         grads_before = [None if p.grad is None else p.grad.copy() for p in base.fast]
         for opt in optimizers:
             opt.step()

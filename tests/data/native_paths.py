@@ -4,6 +4,7 @@ the functional API, the rooflines, gradient clipping and a group staged on two
 threads) for the memory checkers in
 tests/test_memory_checkers.py."""
 import numpy as np
+
 import fastsgd
 from fastsgd import _native
 
@@ -16,7 +17,8 @@ for cap in fastsgd.available_capabilities():
         params = [fastsgd.Parameter(rng.standard_normal(n).astype(dtype)) for n in (0, 1, 7, 17, 1000)]
         params.append(fastsgd.Parameter(np.asfortranarray(rng.standard_normal((5, 3)).astype(dtype))))
         params.append(fastsgd.Parameter(np.float64(1.5).astype(dtype).reshape(())))
-        for opts in (dict(momentum=0.9, nesterov=True, weight_decay=0.1), dict(momentum=0.9, dampening=0.2, maximize=True), dict()):
+        for opts in (dict(momentum=0.9, nesterov=True, weight_decay=0.1),
+                     dict(momentum=0.9, dampening=0.2, maximize=True), dict()):
             opt = fastsgd.SGD([{"params": params[:4]}, {"params": params[4:], "lr": 0.5}], lr=0.1, **opts)
             for step in range(3):
                 for i, p in enumerate(params):
@@ -33,8 +35,9 @@ for cap in fastsgd.available_capabilities():
             params[3].grad = np.zeros(17, dtype)
             opt.step()
         bufs = [None] * len(params)
-        fastsgd.functional.sgd(params, [np.ones_like(p, subok=False) for p in params], bufs, weight_decay=0.0, momentum=0.5,
-                               lr=0.1, dampening=0.0, nesterov=False, maximize=False)
+        fastsgd.functional.sgd(params, [np.ones_like(p, subok=False) for p in params], bufs,
+                               weight_decay=0.0, momentum=0.5, lr=0.1, dampening=0.0,
+                               nesterov=False, maximize=False)
         _native.Roofline(params, [np.ones_like(p, subok=False) for p in params], bufs)()
         for p in params:
             p.grad = np.full_like(p, 0.5, subok=False)
