@@ -21,8 +21,8 @@ from setuptools.command.build_ext import build_ext
 # a compiler fusing the others would change the rounding away from torch's.
 BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c11"]
 OPENMP_FLAG = "-fopenmp"
-# FASTSGD_SANITIZE=1: AddressSanitizer + UndefinedBehaviorSanitizer, for the
-# command in the README's reliability section.  Any UB report is fatal.
+# FASTSGD_SANITIZE=1: AddressSanitizer + UndefinedBehaviorSanitizer, for
+# `nox -s sanitize` (docs/reliability.md).  Any UB report is fatal.
 SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
                   "-fno-omit-frame-pointer", "-g"]
 

@@ -6,7 +6,7 @@ Each workload and thread count is one group, so pytest-benchmark's table sets
 fastsgd beside the roofline, torch's three implementations and the numpy
 reference.  Steps run back to back here (warm caches); the comparison command
 flushes the cache before each sample.  Speed targets are judged from ratios
-within one run (see the README), never asserted here.
+within one run (see docs/performance.md), never asserted here.
 """
 import pytest
 

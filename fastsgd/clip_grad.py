@@ -8,7 +8,7 @@ otherwise, and every grad is multiplied by min(max_norm / (total + 1e-6), 1).
 torch accumulates each grad's norm in its own order and precision, so totals
 and clipped grads agree with torch's to within a few units in the last place
 of the dtype (tests/test_clip_grad.py: rtol 1e-5 for float32, 1e-12 for
-float64), not bit for bit.  clip_grad_value_ is exact.
+float64), not bit for bit.  ``clip_grad_value_`` is exact.
 """
 import types
 import warnings

@@ -1184,7 +1184,7 @@ add("momentum_buffer_resized_by_another_thread", RESIZE_PRELUDE + """
     thread.join()
 """)
 add("buffer_swapped_unbound_is_unseen_but_safe", """
-    # README: dict's methods called unbound go unseen; the step keeps the
+    # docs/guide/input-rules.md: dict's methods called unbound go unseen; the step keeps the
     # buffer it cached, which it still holds a reference to.
     opt.step()   # a step that finds the state as the last one left it
     old = opt.state[P1[0]]["momentum_buffer"]

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-LINTED = ["fastsgd", "tests", "examples", "benchmarks"]
+LINTED = ["fastsgd", "tests", "examples", "benchmarks", "noxfile.py", "docs/conf.py"]
 
 
 def run_tool(module, *args, timeout=300):

@@ -1,7 +1,7 @@
 """Memory checkers over every native path (tests/data/native_paths.py).
 
 Both are slow and marked so: python -m pytest tests/test_memory_checkers.py -m slow
-The whole suite runs under the sanitizers with the command in the README.
+The whole suite runs under the sanitizers with `nox -s sanitize` (docs/reliability.md).
 """
 import os
 import pathlib
