@@ -69,10 +69,12 @@ def sanitize(session):
     # Test paths given after -- are the repository's (tests/test_x.py), read from outside it.
     args = [str(ROOT / arg) if (ROOT / arg.split("::")[0]).exists() else arg
             for arg in session.posargs] or [str(ROOT / "tests")]
+    env = {"LD_PRELOAD": " ".join(runtimes), "ASAN_OPTIONS": "detect_leaks=0",
+           "PYTHONPATH": str(build)}
     session.chdir(build.parent)
-    session.run(PYTHON, "-m", "pytest", "-p", "no:cacheprovider", *args,
-                env={"LD_PRELOAD": " ".join(runtimes), "ASAN_OPTIONS": "detect_leaks=0",
-                     "PYTHONPATH": str(build)})
+    session.run(PYTHON, "-c", "import sys, fastsgd._native as n; "
+                f"sys.exit(not n.__file__.startswith({str(build)!r}))", env=env)
+    session.run(PYTHON, "-m", "pytest", "-p", "no:cacheprovider", *args, env=env)
 
 
 @nox.session(venv_backend="none")
