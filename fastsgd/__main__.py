@@ -12,6 +12,7 @@ import sys
 import numpy as np
 
 import fastsgd
+from fastsgd import report
 
 
 class MLP:
@@ -130,9 +131,9 @@ def main(argv=None):
                                 "for W4, which measures call overhead, cold for the rest)")
     report_cmd = commands.add_parser("report", help="a benchmark's JSON as tables; with "
                                                     "--docs, rewrite the docs' tables from it")
-    report_cmd.add_argument("json", nargs="?", default="docs/_data/fastsgd-bench.json",
+    report_cmd.add_argument("json", nargs="?", default=report.DEFAULT_JSON,
                             help="what the bench command wrote (default: the one the docs "
-                                 "are made from, docs/_data/fastsgd-bench.json)")
+                                 f"are made from, {report.DEFAULT_JSON})")
     report_cmd.add_argument("--docs", action="store_true",
                             help="rewrite the generated regions of README.md and "
                                  "docs/performance.md (run from the repository's root)")
@@ -143,8 +144,6 @@ def main(argv=None):
     if args.command == "check":
         return check(steps=args.steps)
     if args.command == "report":
-        from . import report
-
         return report.main(args.json, docs=args.docs, check=args.check, root=args.root)
     from . import bench
 
