@@ -1,5 +1,9 @@
 # Stub of the extension fastsgd._native.clip (clipping's loops).
 import numpy as np
+from typing_extensions import disjoint_base
+
+@disjoint_base
+class GradLists: ...
 
 def grad_norms(grads: list[np.ndarray], positions: list[int], p: float) -> np.ndarray: ...
 def scale_grads(grads: list[np.ndarray], positions: list[int], coef: float) -> None: ...

@@ -1,7 +1,10 @@
 # Stub of the extension fastsgd._native.plan (a group's staging and the plan cache).
+from typing_extensions import disjoint_base
+
 NO_AUTOGRAD: str
 
 def parallel_staging_count() -> int: ...
 
+@disjoint_base
 class GroupPlan:
     new_buffers: list[tuple[int, object]]

@@ -2,7 +2,9 @@
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+from typing_extensions import disjoint_base
 
+@disjoint_base
 class Roofline:
     def __init__(self, params: Iterable[np.ndarray], grads: Iterable[np.ndarray],
                  momentum_buffers: Sequence[np.ndarray], read_objects: bool = False) -> None: ...

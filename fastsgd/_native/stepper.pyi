@@ -3,7 +3,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+from typing_extensions import disjoint_base
 
+@disjoint_base
 class SGDStepper:
     def step(self, param_groups: list[dict[str, Any]], state: Any) -> None: ...
     def validate(self, param_groups: list[dict[str, Any]], state: Any) -> None: ...
