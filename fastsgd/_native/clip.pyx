@@ -69,7 +69,7 @@ def grad_norms(list grads, list positions, double p):
 
 
 def scale_grads(list grads, list positions, double coef):
-    """grad *= coef for every grad, coef rounded to each grad's dtype."""
+    """``grad *= coef`` for every grad, coef rounded to each grad's dtype."""
     cdef GradLists lists = GradLists(grads, positions, True)
     cdef const fastsgd_impl *impl = kernels.kernel()
     with nogil:
