@@ -43,17 +43,32 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     norm_type = float(norm_type)
     if not grads:
         return np.float32(0.0)
-    if np.isinf(norm_type) and any(g.size == 0 for g in grads):
-        # A max or min over no element has no value; torch's messages (its
-        # foreach path computes inf norms, linalg.vector_norm -inf ones).
+    _check_infinity_norm_sizes(norm_type, (g.size for g in grads))
+    dtype = np.result_type(*grads)
+    norms = _native.grad_norms(grads, positions, norm_type)
+    total, coef = _total_norm_and_coef(dtype, [g.dtype for g in grads], norms, max_norm,
+                                       norm_type, error_if_nonfinite)
+    _native.scale_grads(grads, positions, float(coef))
+    return total
+
+
+def _check_infinity_norm_sizes(norm_type, sizes):
+    """A max or min over no element has no value: torch's messages (its
+    foreach path computes inf norms, linalg.vector_norm -inf ones)."""
+    if np.isinf(norm_type) and any(size == 0 for size in sizes):
         raise RuntimeError(
             "_foreach_norm cannot compute the infinity norm on an empty tensor because "
             "the operation does not have an identity" if norm_type > 0 else
             "linalg.vector_norm cannot compute the -inf norm on an empty tensor because "
             "the operation does not have an identity")
-    dtype = np.result_type(*grads)
-    norms = _native.grad_norms(grads, positions, norm_type)
-    per_grad = np.array([g.dtype.type(n) for g, n in zip(grads, norms)], dtype=dtype)
+
+
+def _total_norm_and_coef(dtype, grad_dtypes, norms, max_norm, norm_type, error_if_nonfinite):
+    """The total norm and the clipping coefficient, from each grad's norm (in
+    double, in the order of the grads) rounded to its dtype; ``dtype`` is the
+    grads' result type.  fastsgd.distributed computes its sharded total here
+    too, from norms gathered across ranks, so that it is one process's."""
+    per_grad = np.array([t.type(n) for t, n in zip(grad_dtypes, norms)], dtype=dtype)
     total = dtype.type(np.linalg.norm(per_grad, ord=norm_type))
     if error_if_nonfinite and not np.isfinite(total):
         raise RuntimeError(
@@ -63,8 +78,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
             "set `error_if_nonfinite=False`")
     with np.errstate(all="ignore"):
         coef = min(dtype.type(float(max_norm)) / (total + dtype.type(1e-6)), dtype.type(1.0))
-    _native.scale_grads(grads, positions, float(coef))
-    return total
+    return total, coef
 
 
 def clip_grad_value_(parameters, clip_value, foreach=None):

@@ -22,7 +22,7 @@ import numpy as np
 from ._native import cpu_capability
 from .sgd import SGD as _NativeSGD
 
-__all__ = ["madd", "sgd", "SGD"]
+__all__ = ["madd", "rank_ordered_mean", "sgd", "SGD"]
 
 
 def _two_sum(a, b):
@@ -79,6 +79,29 @@ def madd(y, a, x, fma=True):
             fused = th + _round_to_odd(*_two_sum(tl, ul))
         finite = np.isfinite(x) & np.isfinite(y) & np.isfinite(y * a)
     return np.where(finite, fused, unfused)
+
+
+def rank_ordered_mean(grads):
+    """The average of one grad per rank, as fastsgd.distributed computes it.
+
+    ``(((g_0 + g_1) + g_2) + ... + g_{N-1}) / N``: the grads summed in rank
+    order, each addition and the final true division rounded in the grads'
+    dtype, whatever the number of ranks, the buckets or the MPI library.
+
+    Parameters
+    ----------
+    grads : sequence of numpy.ndarray
+        One grad per rank, in rank order, all of one shape and dtype.
+
+    Returns
+    -------
+    numpy.ndarray
+        A new array of that shape and dtype.
+    """
+    total = np.array(grads[0])  # a copy, in grads[0]'s memory order
+    for grad in grads[1:]:
+        np.add(total, grad, out=total)
+    return np.true_divide(total, total.dtype.type(len(grads)), out=total)
 
 
 def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay,
