@@ -642,6 +642,7 @@ class _Plan:
             views.update(flat.views)
         self.views = [tuple(views[id(p)] for p in group) for group in self.groups]
         self.present = [[False] * len(group) for group in self.groups]
+        self.all_views = False  # was every grad its view at the last synchronize()?
         # The digest, one byte each: [param_groups changed, then per position
         # 0 (no grad), 1 (a grad) or 2 (a grad that cannot be averaged)];
         # then, aligned, the float64 value of each checked option of each group.
@@ -803,9 +804,43 @@ class _DataParallel(Optimizer):
         """Copy each grad into its bucket view unless it is that view, and
         fill the digest; return how many grads were copied."""
         groups = self.param_groups
+        if not (plan.all_views and self._grads_are_views(plan, groups)):
+            copied = self._stage_slowly(plan, groups)
+        else:  # as at the last step: nothing to copy, the same grads present
+            copied = 0
+        options = plan.options
+        for group, slots in zip(groups, plan.option_slots):
+            for key, slot in slots:
+                try:
+                    options[slot] = group[key]
+                except (KeyError, TypeError, ValueError):
+                    options[slot] = float("nan")
+        self._grads_copied = copied
+        return copied
+
+    @staticmethod
+    def _grads_are_views(plan, groups):
+        """Whether every parameter's grad is its bucket view: the steady state
+        of a backward pass writing into the views.  (A parameter put in
+        another's place has a grad that is not the view, and goes to
+        _stage_slowly.)"""
+        if len(groups) != len(plan.views):
+            return False
+        for group, views in zip(groups, plan.views):
+            params = group["params"]
+            if len(params) != len(views):
+                return False
+            for p, view in zip(params, views):
+                if p.grad is not view:
+                    return False
+        return True
+
+    def _stage_slowly(self, plan, groups):
+        """_stage parameter by parameter: check that the groups hold what the
+        plan was made for, copy grads, note which are present or bad."""
         copied = 0
         changed = len(groups) != len(plan.groups)
-        pattern_changed = bad = False
+        pattern_changed = bad = missing = False
         if not changed:
             for group, expected, views, present in zip(groups, plan.groups, plan.views,
                                                        plan.present):
@@ -821,6 +856,7 @@ class _DataParallel(Optimizer):
                     if grad is view or grad is None:
                         if had_grad is (grad is None):
                             pattern_changed = True
+                        missing = missing or grad is None
                         continue
                     if not had_grad:
                         pattern_changed = True
@@ -835,14 +871,8 @@ class _DataParallel(Optimizer):
         if not changed and (pattern_changed or bad or self._bad_grads):
             self._refresh_statuses(plan)
         self._bad_grads = bad
-        options = plan.options
-        for group, slots in zip(groups, plan.option_slots):
-            for key, slot in slots:
-                try:
-                    options[slot] = group[key]
-                except (KeyError, TypeError, ValueError):
-                    options[slot] = float("nan")
-        self._grads_copied = copied
+        # After this step's averaging every present grad is its view.
+        plan.all_views = not (changed or bad or missing)
         return copied
 
     @staticmethod

@@ -315,3 +315,16 @@ def test_a_rank_that_fails_ends_the_job_with_an_error_not_a_hang(tmp_path, how):
     result = mpi_launch.run(3, WORKER_PATH, tmp_path, spec, timeout=60)
     assert "failing" in result.stdout
     assert result.returncode != 0
+
+
+def test_example_trains_the_same_parameters_on_every_rank():
+    pytest.importorskip("sklearn")
+    pytest.importorskip("tqdm")
+    result = mpi_launch.run(2, ROOT / "examples" / "train_digits_distributed.py", "--epochs", "3")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    digests = {line.rsplit(" ", 1)[1] for line in lines if "parameters digest" in line}
+    assert len([line for line in lines if "parameters digest" in line]) == 2
+    assert len(digests) == 1
+    accuracy = float(next(line for line in lines if line.startswith("test accuracy")).split()[2])
+    assert accuracy > 0.85

@@ -1,0 +1,322 @@
+"""Benchmark of fastsgd.distributed: averaging the grads against a raw MPI Allreduce.
+
+    python benchmarks/distributed.py [--ranks 2 4] [--repeat 3] [--rounds 15]
+                                     [--json fastsgd-bench-distributed.json]
+
+Launches itself under ``mpiexec -n N python -m mpi4py`` for each N (``--repeat``
+times), and prints, per workload (ResNet-50's parameter shapes and 5,000
+tensors of 256, float32) and number of ranks, the median time per step of:
+
+- ``raw Allreduce``: one ``Allreduce(IN_PLACE)`` of a flat buffer of the
+  grads' bytes: the peer every target is a ratio to;
+- ``ordered``: ``DistributedOptimizer.synchronize()`` with
+  ``gradient_as_bucket_view=True`` (the grads are the buckets: no copy);
+- ``ordered, copied``: the same with each grad a separate array, copied once;
+- ``mpi``: ``reduction="mpi"`` (Allreduce per bucket, then a division);
+- ``average only``: the ordered plan's requests and sums alone, without the
+  per-step checks (which grads are present, the options, the digest
+  Allgather): the algorithm's own cost, a bound on how fast ``ordered`` can be;
+- ``exchange only``: the ordered plan's Alltoallv and Allgatherv without the
+  sums: its communication;
+- ``ZeRO``: ``ZeroRedundancyOptimizer.synchronize()`` (grads reduced to their
+  owners only);
+
+each as the median over rounds of its ratio to the raw Allreduce of the same
+round (every round samples every peer once, in a new order, each sample after
+a Barrier, its time the slowest rank's).  Also: the grads copied per grad, the
+memory a steady-state ``synchronize()`` keeps and peaks at (tracemalloc), the
+ZeRO optimizer state per rank against total / N, and, for the cost model of
+docs/guide/distributed.md, raw Allreduce times over message sizes and numpy's
+add throughput.  With ``--repeat`` > 1 the tables give the median over
+repeats and the range.  Times on a shared machine are noisy; only the ratios
+measured in one round mean much.  The JSON holds every repeat.
+"""
+import argparse
+import itertools
+import json
+import os
+import pathlib
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve()
+WORKLOADS = {"ResNet-50 shapes, f32": "resnet50", "5,000 x 256, f32": "w2"}
+TARGETS = {2: 1.2, 4: 1.6}  # ordered, replicated, against the raw Allreduce
+ZERO_TARGET = 1.25
+PEERS = ["raw Allreduce", "ordered", "ordered, copied", "mpi", "average only", "exchange only",
+         "ZeRO"]
+SIZES = [2**12, 2**16, 2**20, 2**23, 2**25]  # bytes, for the cost model
+
+
+def shapes_of(workload):
+    from fastsgd.bench import resnet50_shapes
+
+    return resnet50_shapes() if workload == "resnet50" else [(256,)] * 5000
+
+
+# ------------------------------------------------------------ on the ranks
+
+def worker(rounds, out):
+    from mpi4py import MPI
+
+    import fastsgd
+    import fastsgd.distributed as dist
+
+    comm = MPI.COMM_WORLD
+    results = {"ranks": comm.size, "workloads": {}}
+    for name, workload in WORKLOADS.items():
+        shapes = shapes_of(workload)
+        rng = np.random.default_rng(comm.rank)
+        params = [fastsgd.Parameter(rng.standard_normal(s, dtype=np.float32)) for s in shapes]
+        grads = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+        total = sum(p.size for p in params)
+        flat = np.zeros(total, np.float32)
+
+        def replicated(**options):
+            return dist.DistributedOptimizer(fastsgd.SGD(params, lr=0.01, momentum=0.9),
+                                             **options)
+
+        ordered = replicated(gradient_as_bucket_view=True)
+        copied = replicated()
+        mpi = replicated(reduction="mpi", gradient_as_bucket_view=True)
+        exchange = replicated(gradient_as_bucket_view=True)
+        for flat_grads in exchange._plan.flats:  # the same requests, no arithmetic
+            flat_grads.schedule = [(a, [], g, n) for a, _, g, n in flat_grads.schedule]
+        zero = dist.ZeroRedundancyOptimizer(params, lr=0.01, momentum=0.9,
+                                            gradient_as_bucket_view=True)
+
+        def bind(opt):
+            return opt.zero_grad  # views zero-filled: as after a backward pass in place
+
+        def bind_copies():
+            copied.zero_grad()
+            for p, g in zip(params, grads):
+                p.grad = g
+
+        peers = {
+            "raw Allreduce": (lambda: flat.fill(0),
+                              lambda: comm.Allreduce(MPI.IN_PLACE, [flat, MPI.FLOAT], MPI.SUM)),
+            "ordered": (bind(ordered), ordered.synchronize),
+            "ordered, copied": (bind_copies, copied.synchronize),
+            "mpi": (bind(mpi), mpi.synchronize),
+            "average only": (bind(ordered), lambda: [f.average() for f in ordered._plan.flats]),
+            "exchange only": (bind(exchange), exchange.synchronize),
+            "ZeRO": (bind(zero), zero.synchronize),
+        }
+        for prepare, run in peers.values():  # warm up: first touches, lazy setup
+            prepare()
+            run()
+        times = {peer: [] for peer in peers}
+        order = list(peers)
+        shuffle = random.Random(0)
+        for _ in range(rounds):
+            shuffle.shuffle(order)
+            for peer in order:
+                prepare, run = peers[peer]
+                prepare()
+                comm.Barrier()
+                start = time.perf_counter()
+                run()
+                elapsed = time.perf_counter() - start
+                times[peer].append(comm.allreduce(elapsed, op=MPI.MAX))
+        copies = {"ordered": ordered.grads_copied / len(params)}
+        bind_copies()
+        copied.synchronize()
+        copies["ordered, copied"] = copied.grads_copied / len(params)
+        # ZeRO's state after a step, against one process's.
+        zero.zero_grad()
+        zero.step()
+        state = sum(b.nbytes for entry in zero.state.values() for b in entry.values())
+        state_per_rank = comm.allgather(state)
+        results["workloads"][name] = {
+            "tensors": len(params), "bytes": int(flat.nbytes), "buckets": sum(
+                f.buckets for f in ordered._plan.flats),
+            "times": times, "copies per grad": copies,
+            "allocation": steady_state_allocation(ordered, comm),
+            "zero state bytes per rank": state_per_rank,
+            "zero state bytes, one process": int(flat.nbytes),
+        }
+        for opt in (ordered, copied, mpi, exchange, zero):
+            opt.close()
+        del params, grads, flat
+    results["allreduce by size"] = allreduce_by_size(comm, MPI, rounds)
+    results["numpy add, bytes per second"] = add_throughput()
+    if comm.rank == 0:
+        pathlib.Path(out).write_text(json.dumps(results))
+
+
+def steady_state_allocation(optimizer, comm):
+    """(bytes kept, bytes peaked) by 20 synchronize() calls, less a loop of none."""
+    def traced(steps):
+        loop = itertools.repeat(None, steps)
+        comm.Barrier()
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            start = tracemalloc.get_traced_memory()[0]
+            for _ in loop:
+                optimizer._synchronized = False  # what zero_grad resets, without the fill
+                optimizer.synchronize()
+            current, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        return current - start, peak - start
+
+    traced(20)  # tracemalloc's own first use
+    steps, none = traced(20), traced(0)
+    return {"kept": steps[0] - none[0], "peak": steps[1] - none[1]}
+
+
+def allreduce_by_size(comm, MPI, rounds):
+    """Median raw Allreduce time (slowest rank) per message size."""
+    medians = {}
+    for size in SIZES:
+        buffer = np.zeros(size // 4, np.float32)
+        samples = []
+        for _ in range(max(5, rounds)):
+            comm.Barrier()
+            start = time.perf_counter()
+            comm.Allreduce(MPI.IN_PLACE, [buffer, MPI.FLOAT], MPI.SUM)
+            samples.append(comm.allreduce(time.perf_counter() - start, op=MPI.MAX))
+        medians[size] = float(np.median(samples))
+    return medians
+
+
+def add_throughput():
+    """Bytes of output per second of np.add(a, b, out=a) on 25 MB (the sums' cost)."""
+    a, b = np.ones(25 * 2**20 // 4, np.float32), np.ones(25 * 2**20 // 4, np.float32)
+    samples = []
+    for _ in range(9):
+        start = time.perf_counter()
+        np.add(a, b, a)
+        samples.append(time.perf_counter() - start)
+    return a.nbytes / float(np.median(samples))
+
+
+# ------------------------------------------------------------ the driver
+
+def mpiexec():
+    beside = pathlib.Path(sys.executable).parent / "mpiexec"
+    return str(beside) if beside.exists() else "mpiexec"
+
+
+def launch(ranks, rounds):
+    with tempfile.TemporaryDirectory() as directory:
+        out = pathlib.Path(directory) / "result.json"
+        command = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi4py", str(HERE),
+                   "--worker", "--rounds", str(rounds), "--json", str(out)]
+        print(" ".join(command), file=sys.stderr, flush=True)
+        subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return json.loads(out.read_text())
+
+
+def ratios(workload):
+    """Each peer's median over rounds of its ratio to the raw Allreduce."""
+    raw = np.array(workload["times"]["raw Allreduce"])
+    return {peer: float(np.median(np.array(times) / raw))
+            for peer, times in workload["times"].items()}
+
+
+def summarize(runs):
+    """{(workload, ranks): {quantity: [value per repeat]}}."""
+    table = {}
+    for run in runs:
+        for name, workload in run["workloads"].items():
+            row = table.setdefault((name, run["ranks"]), {})
+            for peer, ratio in ratios(workload).items():
+                row.setdefault(peer, []).append(ratio)
+            row.setdefault("raw ms", []).append(
+                1e3 * float(np.median(workload["times"]["raw Allreduce"])))
+            row.setdefault("ordered ms", []).append(
+                1e3 * float(np.median(workload["times"]["ordered"])))
+            per_rank = workload["zero state bytes per rank"]
+            row.setdefault("zero", []).append(
+                max(per_rank) / (workload["zero state bytes, one process"] / run["ranks"]))
+            row["copies"] = workload["copies per grad"]
+            row.setdefault("kept", []).append(workload["allocation"]["kept"])
+            row.setdefault("peak", []).append(workload["allocation"]["peak"])
+            row["buckets"] = workload["buckets"]
+    return table
+
+
+def spread(values, digits=2):
+    middle = float(np.median(values))
+    if len(values) == 1:
+        return f"{middle:.{digits}f}"
+    return f"{middle:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def markdown(table, repeats):
+    lines = [f"Median over {repeats} run(s) (range in brackets); every ratio is to the raw "
+             "Allreduce of the same bytes, measured in the same rounds.", "",
+             "| workload | ranks | raw Allreduce | ordered | ordered, copied | mpi | "
+             "average only (bound) | exchange only | ZeRO reduce | target | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (name, ranks), row in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        target = TARGETS.get(ranks)
+        ordered = float(np.median(row["ordered"]))
+        bound = float(np.median(row["average only"]))
+        if target is None:
+            verdict = "-"
+        elif ordered <= target:
+            verdict = "met"
+        elif bound > target:
+            verdict = f"out of reach: the algorithm alone is {bound:.2f}x"
+        else:
+            verdict = "missed"
+        lines.append(
+            f"| {name} | {ranks} | {spread(row['raw ms'], 1)} ms | {spread(row['ordered'])}x | "
+            f"{spread(row['ordered, copied'])}x | {spread(row['mpi'])}x | "
+            f"{spread(row['average only'])}x | {spread(row['exchange only'])}x | "
+            f"{spread(row['ZeRO'])}x | "
+            f"{f'<= {target}x' if target else '-'} | {verdict} |")
+    lines += ["", "| workload | ranks | buckets | grads copied per grad (views / copied) | "
+                  "steady-state synchronize: bytes kept, peak | ZeRO state per rank / (total / N) |",
+              "|---|---|---|---|---|---|"]
+    for (name, ranks), row in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        zero = float(np.median(row["zero"]))
+        lines.append(
+            f"| {name} | {ranks} | {row['buckets']} | {row['copies']['ordered']:.0f} / "
+            f"{row['copies']['ordered, copied']:.0f} | {max(row['kept'])}, {max(row['peak'])} | "
+            f"{spread(row['zero'], 3)} ({'met' if zero <= ZERO_TARGET else 'missed'}: "
+            f"<= {ZERO_TARGET}) |")
+    return "\n".join(lines)
+
+
+def machine():
+    from mpi4py import MPI
+
+    return {"python": platform.python_version(), "machine": platform.machine(),
+            "cpus": os.cpu_count(), "mpi": MPI.Get_library_version().splitlines()[0],
+            "numpy": np.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", nargs="+", type=int, default=[2, 4])
+    parser.add_argument("--repeat", type=int, default=1, help="runs per number of ranks")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--json", default="fastsgd-bench-distributed.json")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args.rounds, args.json)
+    runs = [launch(ranks, args.rounds) for _ in range(args.repeat) for ranks in args.ranks]
+    table = summarize(runs)
+    text = markdown(table, args.repeat)
+    print(text)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(
+            {"machine": machine(), "runs": runs, "markdown": text}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
