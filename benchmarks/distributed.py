@@ -66,90 +66,95 @@ def shapes_of(workload):
 def worker(rounds, out):
     from mpi4py import MPI
 
-    import fastsgd
-    import fastsgd.distributed as dist
-
     comm = MPI.COMM_WORLD
-    results = {"ranks": comm.size, "workloads": {}}
-    for name, workload in WORKLOADS.items():
-        shapes = shapes_of(workload)
-        rng = np.random.default_rng(comm.rank)
-        params = [fastsgd.Parameter(rng.standard_normal(s, dtype=np.float32)) for s in shapes]
-        grads = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
-        total = sum(p.size for p in params)
-        flat = np.zeros(total, np.float32)
-
-        def replicated(**options):
-            return dist.DistributedOptimizer(fastsgd.SGD(params, lr=0.01, momentum=0.9),
-                                             **options)
-
-        ordered = replicated(gradient_as_bucket_view=True)
-        copied = replicated()
-        mpi = replicated(reduction="mpi", gradient_as_bucket_view=True)
-        exchange = replicated(gradient_as_bucket_view=True)
-        for flat_grads in exchange._plan.flats:  # the same requests, no arithmetic
-            flat_grads.schedule = [(a, [], g, n) for a, _, g, n in flat_grads.schedule]
-        zero = dist.ZeroRedundancyOptimizer(params, lr=0.01, momentum=0.9,
-                                            gradient_as_bucket_view=True)
-
-        def bind(opt):
-            return opt.zero_grad  # views zero-filled: as after a backward pass in place
-
-        def bind_copies():
-            copied.zero_grad()
-            for p, g in zip(params, grads):
-                p.grad = g
-
-        peers = {
-            "raw Allreduce": (lambda: flat.fill(0),
-                              lambda: comm.Allreduce(MPI.IN_PLACE, [flat, MPI.FLOAT], MPI.SUM)),
-            "ordered": (bind(ordered), ordered.synchronize),
-            "ordered, copied": (bind_copies, copied.synchronize),
-            "mpi": (bind(mpi), mpi.synchronize),
-            "average only": (bind(ordered), lambda: [f.average() for f in ordered._plan.flats]),
-            "exchange only": (bind(exchange), exchange.synchronize),
-            "ZeRO": (bind(zero), zero.synchronize),
-        }
-        for prepare, run in peers.values():  # warm up: first touches, lazy setup
-            prepare()
-            run()
-        times = {peer: [] for peer in peers}
-        order = list(peers)
-        shuffle = random.Random(0)
-        for _ in range(rounds):
-            shuffle.shuffle(order)
-            for peer in order:
-                prepare, run = peers[peer]
-                prepare()
-                comm.Barrier()
-                start = time.perf_counter()
-                run()
-                elapsed = time.perf_counter() - start
-                times[peer].append(comm.allreduce(elapsed, op=MPI.MAX))
-        copies = {"ordered": ordered.grads_copied / len(params)}
-        bind_copies()
-        copied.synchronize()
-        copies["ordered, copied"] = copied.grads_copied / len(params)
-        # ZeRO's state after a step, against one process's.
-        zero.zero_grad()
-        zero.step()
-        state = sum(b.nbytes for entry in zero.state.values() for b in entry.values())
-        state_per_rank = comm.allgather(state)
-        results["workloads"][name] = {
-            "tensors": len(params), "bytes": int(flat.nbytes), "buckets": sum(
-                f.buckets for f in ordered._plan.flats),
-            "times": times, "copies per grad": copies,
-            "allocation": steady_state_allocation(ordered, comm),
-            "zero state bytes per rank": state_per_rank,
-            "zero state bytes, one process": int(flat.nbytes),
-        }
-        for opt in (ordered, copied, mpi, exchange, zero):
-            opt.close()
-        del params, grads, flat
-    results["allreduce by size"] = allreduce_by_size(comm, MPI, rounds)
+    results = {"ranks": comm.size, "workloads": {
+        name: measure(comm, shapes_of(workload), rounds) for name, workload in WORKLOADS.items()}}
+    results["allreduce by size"] = allreduce_by_size(comm, rounds)
     results["numpy add, bytes per second"] = add_throughput()
     if comm.rank == 0:
         pathlib.Path(out).write_text(json.dumps(results))
+
+
+def measure(comm, shapes, rounds):
+    """Every peer on parameters of ``shapes``, float32, in interleaved rounds."""
+    from mpi4py import MPI
+
+    import fastsgd
+    import fastsgd.distributed as dist
+
+    rng = np.random.default_rng(comm.rank)
+    params = [fastsgd.Parameter(rng.standard_normal(s, dtype=np.float32)) for s in shapes]
+    grads = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    flat = np.zeros(sum(p.size for p in params), np.float32)
+
+    def replicated(**options):
+        return dist.DistributedOptimizer(fastsgd.SGD(params, lr=0.01, momentum=0.9), **options)
+
+    ordered = replicated(gradient_as_bucket_view=True)
+    copied = replicated()
+    mpi = replicated(reduction="mpi", gradient_as_bucket_view=True)
+    exchange = replicated(gradient_as_bucket_view=True)
+    for flat_grads in exchange._plan.flats:  # the same requests, no arithmetic
+        flat_grads.schedule = [(a, [], g, n) for a, _, g, n in flat_grads.schedule]
+    zero = dist.ZeroRedundancyOptimizer(params, lr=0.01, momentum=0.9,
+                                        gradient_as_bucket_view=True)
+
+    def bind_copies():
+        copied.zero_grad()
+        for p, g in zip(params, grads):
+            p.grad = g
+
+    def average_only():
+        for flat_grads in ordered._plan.flats:
+            flat_grads.average()
+
+    # Each peer: (prepare, run); zero_grad() zero-fills the views, as a
+    # backward pass writing into them leaves them, outside the timing.
+    peers = {
+        "raw Allreduce": (lambda: flat.fill(0),
+                          lambda: comm.Allreduce(MPI.IN_PLACE, [flat, MPI.FLOAT], MPI.SUM)),
+        "ordered": (ordered.zero_grad, ordered.synchronize),
+        "ordered, copied": (bind_copies, copied.synchronize),
+        "mpi": (mpi.zero_grad, mpi.synchronize),
+        "average only": (ordered.zero_grad, average_only),
+        "exchange only": (exchange.zero_grad, exchange.synchronize),
+        "ZeRO": (zero.zero_grad, zero.synchronize),
+    }
+    for prepare, run in peers.values():  # warm up: first touches, lazy setup
+        prepare()
+        run()
+    times = {peer: [] for peer in peers}
+    order = list(peers)
+    shuffle = random.Random(0)
+    for _ in range(rounds):
+        shuffle.shuffle(order)
+        for peer in order:
+            prepare, run = peers[peer]
+            prepare()
+            comm.Barrier()
+            start = time.perf_counter()
+            run()
+            elapsed = time.perf_counter() - start
+            times[peer].append(comm.allreduce(elapsed, op=MPI.MAX))
+    copies = {"ordered": ordered.grads_copied / len(params)}
+    bind_copies()
+    copied.synchronize()
+    copies["ordered, copied"] = copied.grads_copied / len(params)
+    # ZeRO's state after a step, against one process's.
+    zero.zero_grad()
+    zero.step()
+    state = sum(b.nbytes for entry in zero.state.values() for b in entry.values())
+    result = {
+        "tensors": len(params), "bytes": int(flat.nbytes),
+        "buckets": sum(f.buckets for f in ordered._plan.flats),
+        "times": times, "copies per grad": copies,
+        "allocation": steady_state_allocation(ordered, comm),
+        "zero state bytes per rank": comm.allgather(state),
+        "zero state bytes, one process": int(flat.nbytes),
+    }
+    for optimizer in (ordered, copied, mpi, exchange, zero):
+        optimizer.close()
+    return result
 
 
 def steady_state_allocation(optimizer, comm):
@@ -174,8 +179,10 @@ def steady_state_allocation(optimizer, comm):
     return {"kept": steps[0] - none[0], "peak": steps[1] - none[1]}
 
 
-def allreduce_by_size(comm, MPI, rounds):
+def allreduce_by_size(comm, rounds):
     """Median raw Allreduce time (slowest rank) per message size."""
+    from mpi4py import MPI
+
     medians = {}
     for size in SIZES:
         buffer = np.zeros(size // 4, np.float32)
@@ -254,10 +261,10 @@ def spread(values, digits=2):
 
 
 def markdown(table, repeats):
-    lines = [f"Median over {repeats} run(s) (range in brackets); every ratio is to the raw "
-             "Allreduce of the same bytes, measured in the same rounds.", "",
-             "| workload | ranks | raw Allreduce | ordered | ordered, copied | mpi | "
-             "average only (bound) | exchange only | ZeRO reduce | target | verdict |",
+    lines = [(f"Median over {repeats} run(s) (range in brackets); every ratio is to the raw "
+              "Allreduce of the same bytes, measured in the same rounds."), "",
+             ("| workload | ranks | raw Allreduce | ordered | ordered, copied | mpi | "
+              "average only (bound) | exchange only | ZeRO reduce | target | verdict |"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (name, ranks), row in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         target = TARGETS.get(ranks)
@@ -277,8 +284,8 @@ def markdown(table, repeats):
             f"{spread(row['average only'])}x | {spread(row['exchange only'])}x | "
             f"{spread(row['ZeRO'])}x | "
             f"{f'<= {target}x' if target else '-'} | {verdict} |")
-    lines += ["", "| workload | ranks | buckets | grads copied per grad (views / copied) | "
-                  "steady-state synchronize: bytes kept, peak | ZeRO state per rank / (total / N) |",
+    lines += ["", ("| workload | ranks | buckets | grads copied per grad (views / copied) | "
+                   "steady-state synchronize: bytes kept, peak | ZeRO state per rank / (total / N) |"),
               "|---|---|---|---|---|---|"]
     for (name, ranks), row in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         zero = float(np.median(row["zero"]))

@@ -16,11 +16,11 @@ import hashlib
 import numpy as np
 from mpi4py import MPI
 from tqdm import tqdm
+from train_digits import MLP, load_data  # the script's directory is on sys.path
 
 import fastsgd
 import fastsgd.distributed as dist
 from fastsgd import lr_scheduler
-from train_digits import MLP, load_data  # the script's directory is on sys.path
 
 
 def train(epochs=30, batch_size=64, lr=0.02, seed=0, comm=MPI.COMM_WORLD):

@@ -210,47 +210,49 @@ def errors(job, comm, dist):
 
     # Per step: the optimizer is left usable and the parameters untouched.
     model = params(shapes)
-    for name, zero in (("replicated", False), ("zero", True)):
-        before = [np.array(p) for p in model]
-        optimizer = dist.ZeroRedundancyOptimizer(model, lr=0.1) if zero else \
+    for kind in ("replicated", "zero"):
+        optimizer = dist.ZeroRedundancyOptimizer(model, lr=0.1) if kind == "zero" else \
             dist.DistributedOptimizer(fastsgd.SGD(model, lr=0.1))
-
-        def step(grads):
-            for p, g in zip(model, grads):
-                p.grad = g
-            optimizer.step()
-
-        full = [np.ones(p.shape, p.dtype) for p in model]
-        missing = list(full)
-        missing[1] = None if rank == 1 else missing[1]
-        attempt(f"{name} missing grad", lambda: step(missing))
-        wrong = list(full)
-        wrong[2] = np.ones((3,), np.float32) if rank == last else wrong[2]
-        attempt(f"{name} wrong grad", lambda: step(wrong))
-        wrong_dtype = list(full)
-        wrong_dtype[0] = np.ones(4, np.float64) if rank == 1 else wrong_dtype[0]
-        attempt(f"{name} wrong dtype", lambda: step(wrong_dtype))
-        plateau = lr_scheduler.ReduceLROnPlateau(optimizer, patience=0)
-        plateau.step(1.0)
-        plateau.step(2.0 if rank == 1 else 0.5)  # a metric of this rank's data
-        attempt(f"{name} plateau", lambda: step(full))
-        results[f"{name} untouched"] = all(np.array_equal(a, b) for a, b in zip(model, before))
-        for group in optimizer.param_groups:
-            group["lr"] = 0.1
-        handle = optimizer.register_step_pre_hook(lambda *args: None)
-        handle.remove()
-        inner = optimizer.optim if zero else optimizer.optimizer
-
-        def fail_on_one_rank(*args):
-            if rank == last:
-                raise KeyError("a hook of the last rank")
-
-        handle = inner.register_step_pre_hook(fail_on_one_rank)
-        attempt(f"{name} step raises on one rank", lambda: step(full))
-        handle.remove()
-        attempt(f"{name} usable again", lambda: step(full))
+        step_errors(kind, optimizer, model, rank, last, attempt, results)
         optimizer.close()
     return results
+
+
+def step_errors(kind, optimizer, model, rank, last, attempt, results):
+    """The cases that differ at a step; ``results[f"{kind} ..."]``."""
+    before = [np.array(p) for p in model]
+
+    def step(grads):
+        for p, g in zip(model, grads):
+            p.grad = g
+        optimizer.step()
+
+    def replaced(index, grad, on_rank):
+        grads = [np.ones(p.shape, p.dtype) for p in model]
+        if rank == on_rank:
+            grads[index] = grad
+        return grads
+
+    attempt(f"{kind} missing grad", lambda: step(replaced(1, None, 1)))
+    attempt(f"{kind} wrong grad", lambda: step(replaced(2, np.ones(3, np.float32), last)))
+    attempt(f"{kind} wrong dtype", lambda: step(replaced(0, np.ones(4, np.float64), 1)))
+    plateau = lr_scheduler.ReduceLROnPlateau(optimizer, patience=0)
+    plateau.step(1.0)
+    plateau.step(2.0 if rank == 1 else 0.5)  # a metric of this rank's data
+    attempt(f"{kind} plateau", lambda: step(replaced(0, None, -1)))
+    results[f"{kind} untouched"] = all(np.array_equal(a, b) for a, b in zip(model, before))
+    for group in optimizer.param_groups:
+        group["lr"] = 0.1
+    inner = optimizer.optim if kind == "zero" else optimizer.optimizer
+
+    def fail_on_the_last_rank(*args):
+        if rank == last:
+            raise KeyError("a hook of the last rank")
+
+    handle = inner.register_step_pre_hook(fail_on_the_last_rank)
+    attempt(f"{kind} step raises on one rank", lambda: step(replaced(0, None, -1)))
+    handle.remove()
+    attempt(f"{kind} usable again", lambda: step(replaced(0, None, -1)))
 
 
 def allocations(job, comm, dist):
