@@ -707,7 +707,7 @@ class _DataParallel(Optimizer):
         self._grads_copied = 0
         self._boxes = [comm.Dup()], [None]
         self._finalizer = weakref.finalize(self, _free, self._boxes[1], self._boxes[0])
-        self._replan()
+        self._replan(bind_none=True)
 
     @property
     def _comm(self):
@@ -720,8 +720,12 @@ class _DataParallel(Optimizer):
             raise RuntimeError(f"this {type(self).__name__} was closed")
         return plan
 
-    def _replan(self):
-        """Check that every rank holds alike, then (re)make the plan; collective."""
+    def _replan(self, bind_none=False):
+        """Check that every rank holds alike, then (re)make the plan; collective.
+
+        With gradient_as_bucket_view, each grad becomes its view (holding its
+        values), and so does a None grad if ``bind_none`` (at construction).
+        """
         comm = self._comm
         settings = {"bucket_cap_mb": self.bucket_cap_mb, "reduction": self.reduction,
                     "gradient_as_bucket_view": self.gradient_as_bucket_view,
@@ -738,9 +742,11 @@ class _DataParallel(Optimizer):
         if self.gradient_as_bucket_view:
             for group, views in zip(plan.groups, plan.views):
                 for p, view in zip(group, views):
-                    if p.grad is not None and p.grad is not view:
+                    if p.grad is not None and _grad_problem(p, p.grad) is None:
                         np.copyto(view, p.grad)
-                    p.grad = view
+                        p.grad = view
+                    elif p.grad is None and bind_none:
+                        p.grad = view
 
     def _local_problem(self):
         """What this rank finds wrong in its own groups (an exception), or None."""

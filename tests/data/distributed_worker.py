@@ -73,6 +73,9 @@ def schedule(job, optimizer):
     return lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5) if job.get("scheduler") else None
 
 
+LATE_AT = 2  # the step at which a "late_group" job adds its last group
+
+
 def reference(job, world_sizes):
     """One process: fastsgd.SGD on the rank-ordered averages.
 
@@ -80,10 +83,14 @@ def reference(job, world_sizes):
     averages.  Returns (params, optimizer, clip totals).
     """
     params = make_params(job)
-    optimizer = fastsgd.SGD(param_groups(job, params), **job.get("options", DEFAULT_OPTIONS))
+    groups = param_groups(job, params)
+    late = groups.pop() if job.get("late_group") else None
+    optimizer = fastsgd.SGD(groups, **job.get("options", DEFAULT_OPTIONS))
     scheduler = schedule(job, optimizer)
     totals = []
     for step, ranks in enumerate(world_sizes):
+        if late and step == LATE_AT:
+            optimizer.add_param_group(late)
         for index, p in enumerate(params):
             p.grad = fastsgd.reference.rank_ordered_mean(
                 [grad(job, step, r, index, p) for r in range(ranks)]) \
@@ -102,6 +109,7 @@ def train(job, comm, dist):
     """Train data-parallel as ``job`` says; what this rank ends with."""
     params = make_params(job)
     groups = param_groups(job, params)
+    late = groups.pop() if job.get("late_group") else None
     options = job.get("options", DEFAULT_OPTIONS)
     if job.get("zero"):
         optimizer = dist.ZeroRedundancyOptimizer(
@@ -125,6 +133,10 @@ def train(job, comm, dist):
     for step in range(first, job["steps"]):
         if step == job.get("save_at"):
             save(job, comm, dist, params, optimizer, scheduler, step)
+        if late and step == LATE_AT:
+            # "inner": behind the wrapper's back, which notices at the next step
+            adder = optimizer.optimizer if job["late_group"] == "inner" else optimizer
+            adder.add_param_group(late)
         for index, p in enumerate(params):
             if not has_grad(job, step, index):
                 p.grad = None
@@ -207,6 +219,29 @@ def errors(job, comm, dist):
         fastsgd.SGD(params(shapes)) if rank == 0 else "SGD"))
     attempt("broadcast", lambda: dist.broadcast_parameters(params(transposed)))
     attempt("zero duplicate", lambda: dist.ZeroRedundancyOptimizer(params(shapes) * 2))
+    attempt("comm", lambda: dist.DistributedOptimizer(fastsgd.SGD(params(shapes)), comm="world"))
+
+    def change_params(zero, on_ranks):
+        model = params(shapes)
+        optimizer = dist.ZeroRedundancyOptimizer(model) if zero else \
+            dist.DistributedOptimizer(fastsgd.SGD(model))
+        if rank in on_ranks:
+            optimizer.param_groups[0]["params"].append(params([(2,)])[0])
+        for p in optimizer.param_groups[0]["params"]:
+            p.grad = np.ones(p.shape, p.dtype)
+        optimizer.step()
+
+    attempt("params changed on one rank", lambda: change_params(False, [1]))
+    attempt("zero params changed", lambda: change_params(True, range(comm.size)))
+
+    def closed():
+        optimizer = dist.DistributedOptimizer(fastsgd.SGD(params(shapes)))
+        optimizer.close()
+        optimizer.step()
+
+    attempt("closed", closed)
+    attempt("pickle", lambda: __import__("pickle").dumps(
+        dist.DistributedOptimizer(fastsgd.SGD(params(shapes)))))
 
     # Per step: the optimizer is left usable and the parameters untouched.
     model = params(shapes)
