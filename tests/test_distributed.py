@@ -341,3 +341,41 @@ def test_example_trains_the_same_parameters_on_every_rank():
     assert digests.keys() == {"0", "1"}
     assert digests["0"] == digests["1"]
     assert float(re.search(r"test accuracy ([0-9.]+)", result.stdout).group(1)) > 0.85
+
+
+def random_job(rng, index):
+    """A random model, options, buckets and kind of optimizer."""
+    groups = []
+    for _ in range(int(rng.integers(1, 4))):
+        shapes = []
+        for _ in range(int(rng.integers(1, 6))):
+            ndim = int(rng.integers(0, 4))
+            shapes.append([int(rng.integers(0, 12)) for _ in range(ndim)])
+        if rng.random() < 0.3:
+            shapes.append([int(rng.integers(20_000, 60_000))])
+        momentum = float(rng.choice([0.0, 0.9]))
+        nesterov = bool(momentum and rng.random() < 0.5)
+        options = {"lr": float(rng.choice([0.1, 0.03])), "momentum": momentum,
+                   "nesterov": nesterov, "dampening": 0.0 if nesterov else float(rng.choice([0, 0.1])),
+                   "weight_decay": float(rng.choice([0, 1e-2])), "maximize": bool(rng.random() < 0.3)}
+        groups.append({"shapes": shapes, "dtype": str(rng.choice(["float32", "float64"])),
+                       "fortran": [i for i, s in enumerate(shapes) if len(s) > 1 and rng.random() < 0.4],
+                       "options": options})
+    count = sum(len(g["shapes"]) for g in groups)
+    return {"kind": "train", "name": f"random {index}", "seed": index, "steps": 4,
+            "groups": groups, "options": {"lr": 0.1},
+            "none": [[int(rng.integers(0, 4)), int(rng.integers(0, count))] for _ in range(2)],
+            "bucket_cap_mb": float(rng.choice([0.0001, 0.01, 0.2, 25])),
+            "views": bool(rng.random() < 0.5), "zero": bool(rng.random() < 0.4),
+            "clip": float(rng.choice([0, 0.5, 10])) or None}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
+def test_random_models_are_bit_identical_to_one_process(tmp_path, ranks):
+    rng = np.random.default_rng(ranks)
+    jobs = [random_job(rng, 100 * ranks + i) for i in range(30)]
+    results = launch(tmp_path, ranks, jobs, timeout=900)
+    for job in jobs:
+        assert_one_process(job, [ranks] * job["steps"], results[job["name"]],
+                           state_ranks=[0] if job["zero"] else range(ranks))
