@@ -34,6 +34,7 @@ measured in one round mean much.  The JSON holds every repeat.
 import argparse
 import itertools
 import json
+import math
 import os
 import pathlib
 import platform
@@ -136,6 +137,14 @@ def measure(comm, shapes, rounds):
             run()
             elapsed = time.perf_counter() - start
             times[peer].append(comm.allreduce(elapsed, op=MPI.MAX))
+    plan = ordered._plan  # the per-step checks alone: staging and the digest's Allgather
+    comm.Barrier()
+    start = time.perf_counter()
+    for _ in range(20):
+        ordered._stage(plan)
+        plan.exchange.Start()
+        plan.exchange.Wait()
+    checks = (time.perf_counter() - start) / 20
     copies = {"ordered": ordered.grads_copied / len(params)}
     bind_copies()
     copied.synchronize()
@@ -147,7 +156,7 @@ def measure(comm, shapes, rounds):
     result = {
         "tensors": len(params), "bytes": int(flat.nbytes),
         "buckets": sum(f.buckets for f in ordered._plan.flats),
-        "times": times, "copies per grad": copies,
+        "times": times, "copies per grad": copies, "checks seconds": checks,
         "allocation": steady_state_allocation(ordered, comm),
         "zero state bytes per rank": comm.allgather(state),
         "zero state bytes, one process": int(flat.nbytes),
@@ -297,6 +306,88 @@ def markdown(table, repeats):
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------ the cost model
+
+LINKS = {"10 Gb/s": (1.25e9, 10e-6), "100 Gb/s": (12.5e9, 2e-6)}  # bytes/s; assumed latency
+MODEL_RANKS = [8, 16, 32, 64]
+MODEL_WORKLOADS = {"ResNet-50 shapes, f32": (102_228_128, 161), "5,000 x 256, f32": (5_120_000, 5000)}
+BUCKET_BYTES = 25 * 2**20
+
+
+def fit(runs):
+    """The model's machine constants, from the runs' medians.
+
+    gamma: seconds per byte of numpy's add (the sums; the division costs
+    about as much per byte).  alpha, beta: the raw 2-rank Allreduce's latency
+    and seconds per byte on this machine's transport, least squares (relative
+    error) of T(M) = 2 alpha + M beta + M gamma / 2 over the message sizes.
+    check: seconds per tensor of the per-step checks (5,000 tensors).
+    """
+    gamma = 1 / float(np.median([run["numpy add, bytes per second"] for run in runs]))
+    pairs = [run for run in runs if run["ranks"] == 2]
+    sizes = np.array(SIZES[1:], float)
+    times = np.array([np.median([run["allreduce by size"][str(int(m))] for run in pairs])
+                      for m in sizes])
+    design = np.stack([2 * np.ones_like(sizes), sizes], axis=1) / times[:, None]
+    (alpha, beta), *_ = np.linalg.lstsq(design, (times - sizes * gamma / 2) / times, rcond=None)
+    checks = [run["workloads"]["5,000 x 256, f32"]["checks seconds"] for run in pairs]
+    return {"alpha": float(alpha), "beta": float(beta), "gamma": gamma,
+            "check": float(np.median(checks)) / 5000}
+
+
+def predicted(constants, ranks, nbytes, tensors, alpha, beta):
+    """(ordered, MPI's best) seconds to average ``nbytes`` of grads at ``ranks``.
+
+    Both move 2 (N-1)/N M bytes per rank and add (N-1)/N M.  MPI's best
+    large-message allreduce (reduce-scatter by recursive halving, allgather
+    by recursive doubling) pays 2 log2(N) latencies, or for small messages
+    recursive doubling, log2(N) (latency + M bytes + M sums).  The ordered
+    reduction pays 2 (N-1) latencies per bucket (a pairwise exchange and a
+    ring allgather), a division of M / N bytes and the per-step checks.
+    """
+    n, m, gamma = ranks, nbytes, constants["gamma"]
+    moved, summed = 2 * (n - 1) / n * m * beta, (n - 1) / n * m * gamma
+    buckets = max(1, math.ceil(m / BUCKET_BYTES))
+    ordered = (2 * (n - 1) * alpha * buckets + moved + summed + m / n * gamma
+               + tensors * constants["check"])
+    halving = 2 * math.log2(n) * alpha + moved + summed
+    doubling = math.log2(n) * (alpha + m * beta + m * gamma)
+    return ordered, min(halving, doubling)
+
+
+def model_markdown(runs):
+    constants = fit(runs)
+    lines = [f"Fitted here: alpha {constants['alpha'] * 1e6:.1f} us, beta "
+             f"{1 / constants['beta'] / 1e9:.2f} GB/s (shared memory), gamma "
+             f"{1 / constants['gamma'] / 1e9:.2f} GB/s (numpy's add), checks "
+             f"{constants['check'] * 1e9:.0f} ns per tensor.", "",
+             "| workload | link | ranks | ordered | MPI's best | ratio |", "|---|---|---|---|---|---|"]
+    for name, (nbytes, tensors) in MODEL_WORKLOADS.items():
+        for link, (bandwidth, latency) in LINKS.items():
+            for ranks in MODEL_RANKS:
+                ordered, best = predicted(constants, ranks, nbytes, tensors, latency,
+                                          1 / bandwidth)
+                lines.append(f"| {name} | {link} | {ranks} | {ordered * 1e3:.2f} ms | "
+                             f"{best * 1e3:.2f} ms | {ordered / best:.2f} |")
+    lines += ["", "Smallest grads (MB, one tensor per 1,000 elements) that the ordered "
+                  "reduction averages within 1.2x of MPI's best:", "",
+              "| link | " + " | ".join(f"{n} ranks" for n in MODEL_RANKS) + " |",
+              "|---|" + "---|" * len(MODEL_RANKS)]
+    for link, (bandwidth, latency) in LINKS.items():
+        cells = []
+        for ranks in MODEL_RANKS:
+            worth = next((mb for mb in np.geomspace(0.01, 10_000, 241)
+                          if _ratio(constants, ranks, mb * 1e6, latency, bandwidth) <= 1.2), None)
+            cells.append(f"{worth:.2g}" if worth is not None else "never")
+        lines.append(f"| {link} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _ratio(constants, ranks, nbytes, latency, bandwidth):
+    ordered, best = predicted(constants, ranks, nbytes, nbytes / 4000, latency, 1 / bandwidth)
+    return ordered / best
+
+
 def machine():
     from mpi4py import MPI
 
@@ -311,13 +402,22 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=1, help="runs per number of ranks")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--json", default="fastsgd-bench-distributed.json")
+    parser.add_argument("--model", action="store_true",
+                        help="print the tables and the cost model of the results in --json, "
+                             "running nothing")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args.rounds, args.json)
+    if args.model:
+        runs = json.loads(pathlib.Path(args.json).read_text())["runs"]
+        repeats = sum(run["ranks"] == runs[0]["ranks"] for run in runs)
+        print(markdown(summarize(runs), repeats) + "\n\n" + model_markdown(runs))
+        return 0
     runs = [launch(ranks, args.rounds) for _ in range(args.repeat) for ranks in args.ranks]
-    table = summarize(runs)
-    text = markdown(table, args.repeat)
+    text = markdown(summarize(runs), args.repeat)
+    if 2 in args.ranks:
+        text += "\n\n" + model_markdown(runs)
     print(text)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(
