@@ -357,10 +357,10 @@ def predicted(constants, ranks, nbytes, tensors, alpha, beta):
 
 def model_markdown(runs):
     constants = fit(runs)
-    lines = [f"Fitted here: alpha {constants['alpha'] * 1e6:.1f} us, beta "
-             f"{1 / constants['beta'] / 1e9:.2f} GB/s (shared memory), gamma "
-             f"{1 / constants['gamma'] / 1e9:.2f} GB/s (numpy's add), checks "
-             f"{constants['check'] * 1e9:.0f} ns per tensor.", "",
+    lines = [(f"Fitted here: alpha {constants['alpha'] * 1e6:.1f} us, beta "
+              f"{1 / constants['beta'] / 1e9:.2f} GB/s (shared memory), gamma "
+              f"{1 / constants['gamma'] / 1e9:.2f} GB/s (numpy's add), checks "
+              f"{constants['check'] * 1e9:.0f} ns per tensor."), "",
              "| workload | link | ranks | ordered | MPI's best | ratio |", "|---|---|---|---|---|---|"]
     for name, (nbytes, tensors) in MODEL_WORKLOADS.items():
         for link, (bandwidth, latency) in LINKS.items():
@@ -369,8 +369,8 @@ def model_markdown(runs):
                                           1 / bandwidth)
                 lines.append(f"| {name} | {link} | {ranks} | {ordered * 1e3:.2f} ms | "
                              f"{best * 1e3:.2f} ms | {ordered / best:.2f} |")
-    lines += ["", "Smallest grads (MB, one tensor per 1,000 elements) that the ordered "
-                  "reduction averages within 1.2x of MPI's best:", "",
+    lines += ["", ("Smallest grads (MB, one tensor per 1,000 elements) that the ordered "
+                   "reduction averages within 1.2x of MPI's best:"), "",
               "| link | " + " | ".join(f"{n} ranks" for n in MODEL_RANKS) + " |",
               "|---|" + "---|" * len(MODEL_RANKS)]
     for link, (bandwidth, latency) in LINKS.items():
