@@ -23,15 +23,15 @@ def require_mpi():
         pytest.skip("no mpiexec: pip install mpich (the 'distributed' extra)")
 
 
-def run(ranks, *args, timeout=120, python=("-m", "mpi4py")):
-    """``mpiexec -n ranks python -m mpi4py args...``: the completed process.
+def run(ranks, *args, timeout=120, python=("-m", "mpi4py"), cwd=None):
+    """``mpiexec -n ranks python -m mpi4py args...`` (in ``cwd``): the completed process.
 
     On timeout the whole process group (mpiexec, its proxy and every rank)
     is killed and the test fails: a hang is a failure, never a stuck suite.
     """
     command = [mpiexec(), "-n", str(ranks), sys.executable, *python, *map(str, args)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True,
+                               text=True, start_new_session=True, cwd=cwd,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         stdout, stderr = process.communicate(timeout=timeout)

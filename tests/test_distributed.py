@@ -12,6 +12,8 @@ import importlib.util
 import json
 import pathlib
 import re
+import subprocess
+import sys
 
 import mpi_launch
 import numpy as np
@@ -379,3 +381,22 @@ def test_random_models_are_bit_identical_to_one_process(tmp_path, ranks):
     for job in jobs:
         assert_one_process(job, [ranks] * job["steps"], results[job["name"]],
                            state_ranks=[0] if job["zero"] else range(ranks))
+
+
+GUIDE = ROOT / "docs" / "guide" / "distributed.md"
+GUIDE_EXAMPLES = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S)
+
+
+@pytest.mark.parametrize("index", range(len(GUIDE_EXAMPLES)))
+def test_guide_examples_run(tmp_path, index):
+    """Each example checks itself; '# mpiexec -n N' ones run on N ranks."""
+    example = GUIDE_EXAMPLES[index]
+    script = tmp_path / "example.py"
+    script.write_text(example)
+    launcher = re.fullmatch(r"# mpiexec -n (\d+)", example.splitlines()[0])
+    if launcher:
+        result = mpi_launch.run(int(launcher.group(1)), script, cwd=tmp_path)
+    else:
+        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                                cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, example + result.stdout + result.stderr
