@@ -38,8 +38,7 @@ import weakref
 import numpy as np
 from mpi4py import MPI
 
-from . import _native, checkpoint
-from .clip_grad import _check_infinity_norm_sizes, _total_norm_and_coef
+from . import _native, checkpoint, clip_grad
 from .optimizer import Optimizer
 from .sgd import SGD
 
@@ -73,10 +72,13 @@ def _communicator(comm):
     return comm
 
 
-def _check_root(comm, root, name="root"):
-    if not isinstance(root, numbers.Integral) or isinstance(root, bool) \
-            or not 0 <= root < comm.size:
-        raise ValueError(f"{name} must be a rank from 0 to {comm.size - 1}, not {root!r}")
+def _agree_on_root(comm, root, name="root", problem=None):
+    """``root`` as an int, once every rank has checked it and got the same
+    (else every rank raises ValueError), and no rank has a ``problem``."""
+    if problem is None and (not isinstance(root, numbers.Integral) or isinstance(root, bool)
+                            or not 0 <= root < comm.size):
+        problem = ValueError(f"{name} must be a rank from 0 to {comm.size - 1}, not {root!r}")
+    _check_same(comm, {"settings": {name: root}, "groups": [], "params": []}, problem)
     return int(root)
 
 
@@ -190,7 +192,7 @@ def _bcast_tree(comm, root, produce):
     """The object ``produce()`` returns on ``root``, on every rank.
 
     It travels as checkpoint.encode's JSON header and raw array bytes (no
-    pickle).  If ``produce`` or the encoding raises on root, every rank raises.
+    pickle).  If anything fails on any rank, every rank raises.
     """
     sizes = np.zeros(3, np.int64)  # failed, header bytes, payload bytes
     if comm.rank == root:
@@ -198,31 +200,29 @@ def _bcast_tree(comm, root, produce):
             obj = produce()
             header, arrays = checkpoint.encode(obj)
             sizes[:] = 0, len(header), sum(a.nbytes for a in arrays)
-        except Exception as error:
-            message = f"{type(error).__name__}\0{_message(error)}".encode()
-            sizes[:] = 1, len(message), 0
-            comm.Bcast([sizes, MPI.INT64_T], root)
-            comm.Bcast([np.frombuffer(message, np.uint8), MPI.BYTE], root)
-            raise
+        except Exception as error:  # noqa: BLE001 -- every rank must hear of any error
+            header = f"{type(error).__name__}\0{_message(error)}".encode()
+            sizes[:] = 1, len(header), 0
+            failure = error
     comm.Bcast([sizes, MPI.INT64_T], root)
     failed, header_size, payload_size = (int(n) for n in sizes)
-    text = np.frombuffer(header, np.uint8).copy() if comm.rank == root else \
+    text = np.frombuffer(header, np.uint8) if comm.rank == root else \
         np.empty(header_size, np.uint8)
     comm.Bcast([text, MPI.BYTE], root)
     if failed:
+        if comm.rank == root:
+            raise failure
         name, message = bytes(text).decode().split("\0", 1)
         raise _EXCEPTIONS.get(name, RuntimeError)(f"rank {root}: {message}")
-    if comm.rank == root:
-        for array in arrays:
-            comm.Bcast([checkpoint._memory_bytes(array), MPI.BYTE], root)
-        return obj
-
-    def receive(dtype, shape, order):
-        array = np.empty(shape, dtype, order=order)
+    if comm.rank != root:
+        node, arrays = _collectively(comm, lambda: checkpoint.read_arrays(
+            bytes(text), payload_size, _empty))
+    else:
+        _collectively(comm, lambda: None)
+    for array in arrays:
         comm.Bcast([checkpoint._memory_bytes(array), MPI.BYTE], root)
-        return array
-
-    return checkpoint.decode(*checkpoint.read_arrays(bytes(text), payload_size, receive))
+    return _collectively(comm, lambda: obj if comm.rank == root else checkpoint.decode(
+        node, arrays))
 
 
 def _gather_trees(comm, obj, to):
@@ -230,33 +230,33 @@ def _gather_trees(comm, obj, to):
     elsewhere), moved as JSON headers and raw array bytes (no pickle)."""
     header, arrays = _collectively(comm, lambda: checkpoint.encode(obj))
     mine = np.array([len(header), sum(a.nbytes for a in arrays)], np.int64)
-    sizes = np.empty((comm.size, 2), np.int64) if comm.rank == to else None
-    comm.Gather([mine, MPI.INT64_T], [sizes, MPI.INT64_T] if sizes is not None else None, root=to)
+    text = np.frombuffer(header, np.uint8)
     if comm.rank != to:
-        comm.Gatherv([np.frombuffer(header, np.uint8), MPI.BYTE], None, root=to)
+        comm.Gather([mine, MPI.INT64_T], None, root=to)
+        comm.Gatherv([text, MPI.BYTE], None, root=to)
+        _collectively(comm, lambda: None)  # rank `to` read every header
         for array in arrays:
             comm.Send([checkpoint._memory_bytes(array), MPI.BYTE], dest=to)
+        _collectively(comm, lambda: None)
         return None
+    sizes = np.empty((comm.size, 2), np.int64)
+    comm.Gather([mine, MPI.INT64_T], [sizes, MPI.INT64_T], root=to)
     counts = [int(n) for n in sizes[:, 0]]
+    starts = np.cumsum([0] + counts[:-1]).tolist()
     texts = np.empty(sum(counts), np.uint8)
-    displacements = np.cumsum([0] + counts[:-1]).tolist()
-    comm.Gatherv([np.frombuffer(header, np.uint8), MPI.BYTE],
-                 [texts, (counts, displacements), MPI.BYTE], root=to)
-    gathered = []
-    for rank in range(comm.size):
-        if rank == to:
-            gathered.append(obj)
-            continue
+    comm.Gatherv([text, MPI.BYTE], [texts, (counts, starts), MPI.BYTE], root=to)
+    others = [r for r in range(comm.size) if r != to]
+    parsed = _collectively(comm, lambda: {r: checkpoint.read_arrays(
+        bytes(texts[starts[r]:starts[r] + counts[r]]), int(sizes[r, 1]), _empty) for r in others})
+    for rank in others:
+        for array in parsed[rank][1]:
+            comm.Recv([checkpoint._memory_bytes(array), MPI.BYTE], source=rank)
+    return _collectively(comm, lambda: [obj if r == to else checkpoint.decode(*parsed[r])
+                                        for r in range(comm.size)])
 
-        def receive(dtype, shape, order, source=rank):
-            array = np.empty(shape, dtype, order=order)
-            comm.Recv([checkpoint._memory_bytes(array), MPI.BYTE], source=source)
-            return array
 
-        text = bytes(texts[displacements[rank]:displacements[rank] + counts[rank]])
-        gathered.append(checkpoint.decode(*checkpoint.read_arrays(
-            text, int(sizes[rank, 1]), receive)))
-    return gathered
+def _empty(dtype, shape, order):
+    return np.empty(shape, dtype, order=order)
 
 
 # ------------------------------------------------------------ public helpers
@@ -289,13 +289,13 @@ def broadcast_parameters(params, root=0, comm=None):
 
     Examples
     --------
-    >>> import numpy as np, fastsgd, fastsgd.distributed as dist
-    >>> w = fastsgd.Parameter(np.full(3, float(MPI.COMM_WORLD.rank)))  # doctest: +SKIP
-    >>> dist.broadcast_parameters([w])                                 # doctest: +SKIP
-    >>> assert (w == 0).all()                                          # doctest: +SKIP
+    On every rank of ``mpiexec -n 2 python -m mpi4py train.py``::
+
+        w = fastsgd.Parameter(np.full(3, float(MPI.COMM_WORLD.rank)))
+        fastsgd.distributed.broadcast_parameters([w])
+        assert (w == 0).all()
     """
     comm = _communicator(comm)
-    root = _check_root(comm, root)
     if isinstance(params, dict):
         params = params.values()
     arrays = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
@@ -307,8 +307,9 @@ def broadcast_parameters(params, root=0, comm=None):
         if not array.flags.writeable:
             error = ValueError(f"params[{index}] is read-only")
             break
-    _check_same(comm, None if error else {"settings": {}, "groups": [],
+    _check_same(comm, None if error else {"settings": {"root": root}, "groups": [],
                                           "params": [_array_text(a) for a in arrays]}, error)
+    root = _agree_on_root(comm, root)
     for array in arrays:
         if array.flags.c_contiguous or array.flags.f_contiguous:
             comm.Bcast([checkpoint._memory_bytes(array), MPI.BYTE], root)
@@ -346,12 +347,13 @@ def broadcast_optimizer_state(optimizer, root=0, comm=None):
         ``load_state_dict`` raises it there).
     """
     comm = _communicator(comm)
-    root = _check_root(comm, root)
+    problem = None
     if isinstance(optimizer, ZeroRedundancyOptimizer):
-        raise TypeError("a ZeroRedundancyOptimizer holds different state on each rank: use "
-                        "consolidate_state_dict() and load_state_dict() to move its state")
-    if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"{type(optimizer).__name__} is not a fastsgd.Optimizer")
+        problem = TypeError("a ZeroRedundancyOptimizer holds different state on each rank: use "
+                            "consolidate_state_dict() and load_state_dict() to move its state")
+    elif not isinstance(optimizer, Optimizer):
+        problem = TypeError(f"{type(optimizer).__name__} is not a fastsgd.Optimizer")
+    root = _agree_on_root(comm, root, problem=problem)
     state_dict = _bcast_tree(comm, root, optimizer.state_dict)
     _collectively(comm, lambda: optimizer.load_state_dict(state_dict) if comm.rank != root else None)
 
@@ -383,7 +385,7 @@ def save(obj, path, root=0, comm=None):
         On every rank, as :func:`fastsgd.save` raised on ``root``.
     """
     comm = _communicator(comm)
-    root = _check_root(comm, root)
+    root = _agree_on_root(comm, root)
     _collectively(comm, lambda: checkpoint.save(obj, path) if comm.rank == root else None)
 
 
@@ -413,8 +415,9 @@ def load(path, root=None, comm=None):
     """
     comm = _communicator(comm)
     if root is None:
+        _check_same(comm, {"settings": {"root": None}, "groups": [], "params": []})
         return _collectively(comm, lambda: checkpoint.load(path))
-    root = _check_root(comm, root)
+    root = _agree_on_root(comm, root)
     return _bcast_tree(comm, root, lambda: checkpoint.load(path))
 
 
@@ -455,9 +458,8 @@ def clip_grad_norm_(optimizer, max_norm, norm_type=2.0, error_if_nonfinite=False
         raise TypeError(f"clip_grad_norm_ needs a DistributedOptimizer or a "
                         f"ZeroRedundancyOptimizer, not {type(optimizer).__name__}")
     optimizer.synchronize()
-    from .clip_grad import clip_grad_norm_ as clip  # the one-process function
-
-    return clip(optimizer._plan.unique, max_norm, norm_type, error_if_nonfinite)
+    return clip_grad.clip_grad_norm_(optimizer._plan.unique, max_norm, norm_type,
+                                     error_if_nonfinite)
 
 
 # ------------------------------------------------------------ the buckets
@@ -1077,13 +1079,12 @@ class DistributedOptimizer(_DataParallel):
 
     Examples
     --------
-    On every rank of ``mpiexec -n 2 python -m mpi4py train.py``:
+    On every rank of ``mpiexec -n 2 python -m mpi4py train.py``::
 
-    >>> import numpy as np, fastsgd, fastsgd.distributed as dist  # doctest: +SKIP
-    >>> w = fastsgd.Parameter(np.zeros(4, np.float32))            # doctest: +SKIP
-    >>> opt = dist.DistributedOptimizer(fastsgd.SGD([w], lr=0.1))  # doctest: +SKIP
-    >>> w.grad = np.full(4, float(opt.rank), np.float32)          # doctest: +SKIP
-    >>> opt.step()  # every rank steps with the mean grad, 0.5    # doctest: +SKIP
+        w = fastsgd.Parameter(np.zeros(4, np.float32))
+        opt = fastsgd.distributed.DistributedOptimizer(fastsgd.SGD([w], lr=0.1))
+        w.grad = np.full(4, float(opt.rank), np.float32)
+        opt.step()  # every rank steps with the mean grad, 0.5
     """
 
     def __init__(self, optimizer, bucket_cap_mb=25, reduction="ordered", *, comm=None,
@@ -1346,7 +1347,7 @@ class ZeroRedundancyOptimizer(_DataParallel):
         present = [(i, p) for i, p in enumerate(self._plan.unique) if p.grad is not None]
         if not present:
             return np.float32(0.0)
-        _check_infinity_norm_sizes(norm_type, (p.size for _, p in present))
+        clip_grad._check_infinity_norm_sizes(norm_type, (p.size for _, p in present))
         owned = [(i, p) for i, p in present if self._owner[id(p)] == self.rank]
         norms = _native.grad_norms([p.grad for _, p in owned], [i for i, _ in owned], norm_type)
         counts = [sum(self._owner[id(p)] == r for _, p in present)
@@ -1357,8 +1358,8 @@ class ZeroRedundancyOptimizer(_DataParallel):
         by_owner = [iter(gathered[start:start + count]) for start, count in zip(starts, counts)]
         in_order = [next(by_owner[self._owner[id(p)]]) for _, p in present]
         dtypes = [p.dtype for _, p in present]
-        total, coef = _total_norm_and_coef(np.result_type(*dtypes), dtypes, in_order, max_norm,
-                                           norm_type, error_if_nonfinite)
+        total, coef = clip_grad._total_norm_and_coef(np.result_type(*dtypes), dtypes, in_order,
+                                                     max_norm, norm_type, error_if_nonfinite)
         _native.scale_grads([p.grad for _, p in owned], [i for i, _ in owned], float(coef))
         return total
 
@@ -1376,7 +1377,7 @@ class ZeroRedundancyOptimizer(_DataParallel):
         to : int, optional
             The rank that receives the state (default 0).
         """
-        to = _check_root(self._comm, to, "to")
+        to = _agree_on_root(self._comm, to, "to")
         local = self.optim.state_dict()["state"]
         owned = [p for group in self.optim.param_groups for p in group["params"]]
         index = {id(p): i for i, p in enumerate(p for group in self.param_groups
