@@ -32,7 +32,6 @@ repeats and the range.  Times on a shared machine are noisy; only the ratios
 measured in one round mean much.  The JSON holds every repeat.
 """
 import argparse
-import itertools
 import json
 import math
 import os
@@ -43,7 +42,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tracemalloc
 
 import numpy as np
 
@@ -168,23 +166,17 @@ def measure(comm, shapes, rounds):
 
 def steady_state_allocation(optimizer, comm):
     """(bytes kept, bytes peaked) by 20 synchronize() calls, less a loop of none."""
-    def traced(steps):
-        loop = itertools.repeat(None, steps)
-        comm.Barrier()
-        tracemalloc.start()
-        try:
-            tracemalloc.reset_peak()
-            start = tracemalloc.get_traced_memory()[0]
-            for _ in loop:
-                optimizer._synchronized = False  # what zero_grad resets, without the fill
-                optimizer.synchronize()
-            current, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        return current - start, peak - start
+    from fastsgd.bench import traced_memory
 
-    traced(20)  # tracemalloc's own first use
-    steps, none = traced(20), traced(0)
+    def synchronize():
+        optimizer._synchronized = False  # what zero_grad resets, without its fill
+        optimizer.synchronize()
+
+    traced_memory(synchronize, 20)  # tracemalloc's own first use
+    comm.Barrier()
+    steps = traced_memory(synchronize, 20)
+    comm.Barrier()
+    none = traced_memory(synchronize, 0)
     return {"kept": steps[0] - none[0], "peak": steps[1] - none[1]}
 
 

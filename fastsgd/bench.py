@@ -12,6 +12,7 @@ peer having just stepped, as in back-to-back calls (W4, which measures the
 overhead of a call).  Ratios are only meaningful within one run.
 """
 import glob
+import itertools
 import json
 import math
 import operator
@@ -21,6 +22,7 @@ import random
 import statistics
 import sys
 import time
+import tracemalloc
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -558,3 +560,20 @@ def main(workloads=None, threads=(1, 2), budget_s=0.5, json_path="fastsgd-bench.
         plot(results, png_path)
         print(f"wrote {png_path}")
     return 0
+
+
+def traced_memory(call, times):
+    """(bytes kept, bytes peaked above the start) over ``times`` calls of
+    ``call``, as tracemalloc sees them.  Its own bookkeeping shows too:
+    compare with ``times=0``."""
+    calls = itertools.repeat(None, times)  # made before tracing; yields no new objects
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        start = tracemalloc.get_traced_memory()[0]
+        for _ in calls:
+            call()
+        current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return current - start, peak - start

@@ -942,6 +942,43 @@ class _DataParallel(Optimizer):
                     for key in plan.check_keys} for group in self.param_groups]
         return {"bad": bad, "options": options}
 
+    def step(self, closure=None):
+        """Average the grads (unless ``synchronize()`` already did), then step.
+
+        Call it on every rank.  A DistributedOptimizer steps every parameter
+        with the wrapped optimizer; a ZeroRedundancyOptimizer steps the
+        parameters this rank owns and sends them to every rank.
+
+        Parameters
+        ----------
+        closure : callable, optional
+            Re-evaluates the model and sets the grads; called first, on every
+            rank, and its value returned.
+
+        Returns
+        -------
+        object
+            The closure's value, or None.
+
+        Raises
+        ------
+        Exception
+            On every rank, if the local optimizer's step raised on any rank
+            (that rank raises its own exception); a ZeroRedundancyOptimizer
+            then sends no parameter.
+        """
+        loss = None
+        if closure is not None:
+            loss = closure()
+        self.synchronize()
+        self._synchronized = False
+        self._step_locally()
+        return loss
+
+    def _step_locally(self):
+        """Step with the averaged grads (subclasses)."""
+        raise NotImplementedError
+
     def _step_everywhere(self, step):
         """``step()``; if it raised on any rank, raise on every rank, so that
         no rank steps on from parameters the others do not have."""
@@ -1117,35 +1154,8 @@ class DistributedOptimizer(_DataParallel):
     def _local_optimizer(self):
         return self.optimizer
 
-    def step(self, closure=None):
-        """Average the grads across ranks (unless ``synchronize()`` already did), then step.
-
-        Call it on every rank.
-
-        Parameters
-        ----------
-        closure : callable, optional
-            Re-evaluates the model and sets the grads; called first, and its
-            value returned.
-
-        Returns
-        -------
-        object
-            The closure's value, or None.
-
-        Raises
-        ------
-        Exception
-            On every rank, if the wrapped optimizer's step raised on any
-            rank (that rank raises its own exception).
-        """
-        loss = None
-        if closure is not None:
-            loss = closure()
-        self.synchronize()
-        self._synchronized = False
+    def _step_locally(self):
         self._step_everywhere(self.optimizer.step)
-        return loss
 
     def add_param_group(self, param_group):
         """Add a parameter group to the wrapped optimizer; collective.
@@ -1305,33 +1315,8 @@ class ZeroRedundancyOptimizer(_DataParallel):
                 if key != "params" and key != "param_names":
                     dst[key] = value
 
-    def step(self, closure=None):
-        """Average the grads on their owners, step the owned parameters, send them to every rank.
-
-        Call it on every rank.
-
-        Parameters
-        ----------
-        closure : callable, optional
-            Re-evaluates the model and sets the grads; called first, and its
-            value returned.
-
-        Returns
-        -------
-        object
-            The closure's value, or None.
-
-        Raises
-        ------
-        Exception
-            On every rank, if the local step raised on any rank (that rank
-            raises its own exception); no parameter is sent then.
-        """
-        loss = None
-        if closure is not None:
-            loss = closure()
-        self.synchronize()
-        self._synchronized = False
+    def _step_locally(self):
+        """Step the owned parameters, then send them to every rank."""
         self._sync_param_groups(self.param_groups, self.optim.param_groups)
         self._step_everywhere(self.optim.step)
         self._sync_param_groups(self.optim.param_groups, self.param_groups)
@@ -1339,7 +1324,6 @@ class ZeroRedundancyOptimizer(_DataParallel):
             if flat.param_gather is not None:
                 flat.param_gather.Start()
                 flat.param_gather.Wait()
-        return loss
 
     def _clip_grad_norm(self, max_norm, norm_type, error_if_nonfinite):
         """clip_grad_norm_ for grads averaged on their owners only."""

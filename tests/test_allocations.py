@@ -1,10 +1,8 @@
 """A steady-state step allocates nothing, and its overhead does not grow."""
-import itertools
-import tracemalloc
-
 import numpy as np
 
 import fastsgd
+from fastsgd.bench import traced_memory
 
 
 def test_steady_state_step_allocates_nothing():
@@ -42,14 +40,4 @@ def test_steady_state_step_of_many_tensors_on_two_threads_allocates_nothing():
 
 def _traced_growth_and_peak(opt, n):
     """(memory kept, memory peaked above the start) over n steps."""
-    steps = itertools.repeat(None, n)  # made before tracing; yields no new objects
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        start = tracemalloc.get_traced_memory()[0]
-        for _ in steps:
-            opt.step()
-        current, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    return current - start, peak - start
+    return traced_memory(opt.step, n)

@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import sys
-import tracemalloc
 
 import numpy as np
 
@@ -292,30 +291,19 @@ def step_errors(kind, optimizer, model, rank, last, attempt, results):
 
 def allocations(job, comm, dist):
     """tracemalloc over steady-state steps: (kept, peak) against a loop of none."""
-    import itertools
+    from fastsgd.bench import traced_memory
 
     params = [fastsgd.Parameter(np.ones(n, np.float32)) for n in (3, 1000, 70_000)] + \
         [fastsgd.Parameter(np.ones((20, 30)))]
     optimizer = dist.DistributedOptimizer(fastsgd.SGD(params, lr=0.01, momentum=0.9),
                                           bucket_cap_mb=0.1, gradient_as_bucket_view=True)
-
-    def traced(steps):
-        loop = itertools.repeat(None, steps)
-        comm.Barrier()
-        tracemalloc.start()
-        try:
-            tracemalloc.reset_peak()
-            start = tracemalloc.get_traced_memory()[0]
-            for _ in loop:
-                optimizer.step()
-            current, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        return current - start, peak - start
-
     for _ in range(3):
         optimizer.step()
-    return {"steps": traced(200), "none": traced(0), "copied": optimizer.grads_copied}
+    comm.Barrier()
+    steps = traced_memory(optimizer.step, 200)
+    comm.Barrier()
+    return {"steps": steps, "none": traced_memory(optimizer.step, 0),
+            "copied": optimizer.grads_copied}
 
 
 def fail(job, comm, dist):
