@@ -1138,13 +1138,18 @@ class DistributedOptimizer(_DataParallel):
         self._patch_step_function()
         self._setup(comm, bucket_cap_mb, reduction, gradient_as_bucket_view, None)
 
-    # The wrapped optimizer's groups, state and defaults are this one's.
-    param_groups = property(lambda self: self.optimizer.param_groups,
-                            lambda self, value: setattr(self.optimizer, "param_groups", value))
-    state = property(lambda self: self.optimizer.state,
-                     lambda self, value: setattr(self.optimizer, "state", value))
-    defaults = property(lambda self: self.optimizer.defaults,
-                        lambda self, value: setattr(self.optimizer, "defaults", value))
+    param_groups = property(
+        lambda self: self.optimizer.param_groups,
+        lambda self, value: setattr(self.optimizer, "param_groups", value),
+        doc="list of dict: the wrapped optimizer's ``param_groups`` (the same list).")
+    state = property(
+        lambda self: self.optimizer.state,
+        lambda self, value: setattr(self.optimizer, "state", value),
+        doc="OptimizerState: the wrapped optimizer's ``state`` (the same object).")
+    defaults = property(
+        lambda self: self.optimizer.defaults,
+        lambda self, value: setattr(self.optimizer, "defaults", value),
+        doc="dict: the wrapped optimizer's ``defaults`` (the same dict).")
 
     def __setstate__(self, state):
         # Optimizer.load_state_dict ends by handing the loaded groups and state

@@ -400,3 +400,16 @@ def test_guide_examples_run(tmp_path, index):
         result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                                 cwd=tmp_path, timeout=120)
     assert result.returncode == 0, example + result.stdout + result.stderr
+
+
+def test_guide_tables_are_the_benchmarks():
+    """The guide's benchmark and cost-model tables are generated from the
+    committed JSON by `benchmarks/distributed.py --model`, not typed."""
+    spec = importlib.util.spec_from_file_location("bench_distributed",
+                                                  ROOT / "benchmarks" / "distributed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    runs = json.loads((ROOT / "docs" / "benchmarks" / "distributed.json").read_text())["runs"]
+    guide = GUIDE.read_text()
+    assert bench.markdown(bench.summarize(runs), 3) in guide
+    assert bench.model_markdown(runs) in guide
