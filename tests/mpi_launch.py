@@ -30,7 +30,8 @@ def run(ranks, *args, timeout=120, python=("-m", "mpi4py"), cwd=None):
     is killed and the test fails: a hang is a failure, never a stuck suite.
     """
     command = [mpiexec(), "-n", str(ranks), sys.executable, *python, *map(str, args)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE,
                                text=True, start_new_session=True, cwd=cwd,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
