@@ -2,6 +2,7 @@
 
     python benchmarks/distributed.py [--ranks 2 4] [--repeat 3] [--rounds 15]
                                      [--json fastsgd-bench-distributed.json]
+    python benchmarks/distributed.py --report JSON [--docs]
 
 Launches itself under ``mpiexec -n N python -m mpi4py`` for each N (``--repeat``
 times), and prints, per workload (ResNet-50's parameter shapes and 5,000
@@ -29,7 +30,10 @@ ZeRO optimizer state per rank against total / N, and, for the cost model of
 docs/guide/distributed.md, raw Allreduce times over message sizes and numpy's
 add throughput.  With ``--repeat`` > 1 the tables give the median over
 repeats and the range.  Times on a shared machine are noisy; only the ratios
-measured in one round mean much.  The JSON holds every repeat.
+measured in one round mean much.  The JSON holds every repeat; ``--report``
+prints its tables, and with ``--docs`` rewrites the regions of
+docs/guide/distributed.md that they fill (docs/_data holds the run the guide
+shows).
 """
 import argparse
 import json
@@ -380,6 +384,19 @@ def _ratio(constants, ranks, nbytes, latency, bandwidth):
     return ordered / best
 
 
+GUIDE = "docs/guide/distributed.md"
+DOCS_JSON = "docs/_data/fastsgd-bench-distributed.json"
+
+
+def regions(runs):
+    """The guide's generated regions (see fastsgd.report), by name, from the runs."""
+    repeats = sum(run["ranks"] == runs[0]["ranks"] for run in runs)
+    generated = {"distributed-results": markdown(summarize(runs), repeats)}
+    if any(run["ranks"] == 2 for run in runs):
+        generated["distributed-model"] = model_markdown(runs)
+    return generated
+
+
 def machine():
     from mpi4py import MPI
 
@@ -394,22 +411,27 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=1, help="runs per number of ranks")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--json", default="fastsgd-bench-distributed.json")
-    parser.add_argument("--model", action="store_true",
-                        help="print the tables and the cost model of the results in --json, "
-                             "running nothing")
+    parser.add_argument("--report", metavar="JSON",
+                        help="run nothing: print the tables and the cost model of JSON")
+    parser.add_argument("--docs", action="store_true",
+                        help=f"with --report, rewrite the generated regions of {GUIDE}")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args.rounds, args.json)
-    if args.model:
-        runs = json.loads(pathlib.Path(args.json).read_text())["runs"]
-        repeats = sum(run["ranks"] == runs[0]["ranks"] for run in runs)
-        print(markdown(summarize(runs), repeats) + "\n\n" + model_markdown(runs))
+    if args.report:
+        generated = regions(json.loads(pathlib.Path(args.report).read_text())["runs"])
+        if args.docs:
+            from fastsgd import report
+
+            path = HERE.parent.parent / GUIDE
+            path.write_text(report.rewrite(path.read_text(), generated))
+            print(f"rewrote {path}")
+        else:
+            print("\n\n".join(generated.values()))
         return 0
     runs = [launch(ranks, args.rounds) for _ in range(args.repeat) for ranks in args.ranks]
-    text = markdown(summarize(runs), args.repeat)
-    if 2 in args.ranks:
-        text += "\n\n" + model_markdown(runs)
+    text = "\n\n".join(regions(runs).values())
     print(text)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(

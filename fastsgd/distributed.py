@@ -34,6 +34,7 @@ This module is the only one in fastsgd that imports mpi4py.
 import numbers
 import struct
 import weakref
+from typing import Optional
 
 import numpy as np
 from mpi4py import MPI
@@ -76,7 +77,7 @@ def _agree_on_root(comm, root, name="root", problem=None):
     """``root`` as an int, once every rank has checked it and got the same
     (else every rank raises ValueError), and no rank has a ``problem``."""
     if problem is None and (not isinstance(root, numbers.Integral) or isinstance(root, bool)
-                            or not 0 <= root < comm.size):
+                            or not 0 <= int(root) < comm.size):
         problem = ValueError(f"{name} must be a rank from 0 to {comm.size - 1}, not {root!r}")
     _check_same(comm, {"settings": {name: root}, "groups": [], "params": []}, problem)
     return int(root)
@@ -299,7 +300,7 @@ def broadcast_parameters(params, root=0, comm=None):
     if isinstance(params, dict):
         params = params.values()
     arrays = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
-    error = None
+    error: Optional[Exception] = None
     for index, array in enumerate(arrays):
         if not isinstance(array, np.ndarray):
             error = TypeError(f"params[{index}] is a {type(array).__name__}, not a numpy array")
@@ -580,7 +581,7 @@ class _FlatGrads:
         rank owns and receives theirs, straight from and into the arrays
         (derived datatypes at their absolute addresses: no staging copy)."""
         n, me = comm.size, comm.rank
-        types = []
+        types: list = []
         for rank in range(n):
             owned = [p for p in self.params if owners[id(p)] == rank and p.size]
             if not owned:
@@ -651,17 +652,17 @@ class _Plan:
         self.check_keys = check_keys
         options_at = -(-(1 + len(positions)) // 8) * 8
         self.digest = np.zeros(options_at + 8 * len(param_groups) * len(check_keys), np.uint8)
-        self.mine = memoryview(self.digest)
+        self.mine = self.digest.data
         self.statuses = self.digest[1:1 + len(positions)]
-        self.options = memoryview(self.digest[options_at:]).cast("d")
+        self.options = self.digest[options_at:].data.cast("d")
         self.option_slots = [[(key, g * len(check_keys) + k) for k, key in enumerate(check_keys)]
                              for g in range(len(param_groups))]
         self.gathered = np.zeros((comm.size, self.digest.size), np.uint8)
-        self.rows = [memoryview(row) for row in self.gathered]
+        self.rows = [row.data for row in self.gathered]
         self.exchange = comm.Allgather_init([self.digest, MPI.BYTE], [self.gathered, MPI.BYTE])
         # After each local step: did it raise on any rank?
         self.failed = np.zeros(1, np.int32)
-        self.failed_flag = memoryview(self.failed)
+        self.failed_flag = self.failed.data
         self.failed_exchange = comm.Allreduce_init(MPI.IN_PLACE, [self.failed, MPI.INT32_T],
                                                    MPI.MAX)
 
@@ -707,7 +708,7 @@ class _DataParallel(Optimizer):
         self._synchronized = False
         self._bad_grads = False
         self._grads_copied = 0
-        self._boxes = [comm.Dup()], [None]
+        self._boxes: tuple[list, list] = [comm.Dup()], [None]
         self._finalizer = weakref.finalize(self, _free, self._boxes[1], self._boxes[0])
         self._replan(bind_none=True)
 
@@ -1046,7 +1047,7 @@ def _grad_problem(param, grad):
 
 def _argument_problem(bucket_cap_mb, reduction):
     if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, numbers.Real) \
-            or not bucket_cap_mb > 0:
+            or not float(bucket_cap_mb) > 0:
         return ValueError(f"bucket_cap_mb must be a positive number, not {bucket_cap_mb!r}")
     if reduction not in _REDUCTIONS:
         return ValueError(f"reduction must be one of {', '.join(map(repr, _REDUCTIONS))}, "
@@ -1243,7 +1244,7 @@ class ZeroRedundancyOptimizer(_DataParallel):
                                 f"{optimizer_class!r}")
         _agree(comm, problem)
         self.rank, self.world_size = comm.rank, comm.size
-        self._owner = {}
+        self._owner: dict = {}
         self._rank_bytes = [0] * comm.size
         self._consolidated = None
         self._made = False
@@ -1260,7 +1261,7 @@ class ZeroRedundancyOptimizer(_DataParallel):
 
     def _local_problem(self):
         params = [p for group in self.param_groups for p in group["params"]]
-        first = {}
+        first: dict = {}
         for index, p in enumerate(params):
             if id(p) in first:
                 return ValueError(f"params[{index}] is params[{first[id(p)]}] again: a "

@@ -12,14 +12,13 @@ import importlib.util
 import json
 import pathlib
 import re
-import subprocess
-import sys
 
 import mpi_launch
 import numpy as np
 import pytest
 
 import fastsgd
+from fastsgd import report
 
 mpi_launch.require_mpi()
 
@@ -383,33 +382,13 @@ def test_random_models_are_bit_identical_to_one_process(tmp_path, ranks):
                            state_ranks=[0] if job["zero"] else range(ranks))
 
 
-GUIDE = ROOT / "docs" / "guide" / "distributed.md"
-GUIDE_EXAMPLES = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S)
-
-
-@pytest.mark.parametrize("index", range(len(GUIDE_EXAMPLES)))
-def test_guide_examples_run(tmp_path, index):
-    """Each example checks itself; '# mpiexec -n N' ones run on N ranks."""
-    example = GUIDE_EXAMPLES[index]
-    script = tmp_path / "example.py"
-    script.write_text(example)
-    launcher = re.fullmatch(r"# mpiexec -n (\d+)", example.splitlines()[0])
-    if launcher:
-        result = mpi_launch.run(int(launcher.group(1)), script, cwd=tmp_path)
-    else:
-        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                                cwd=tmp_path, timeout=120)
-    assert result.returncode == 0, example + result.stdout + result.stderr
-
-
 def test_guide_tables_are_the_benchmarks():
-    """The guide's benchmark and cost-model tables are generated from the
-    committed JSON by `benchmarks/distributed.py --model`, not typed."""
+    """The guide's tables are what benchmarks/distributed.py --report makes of the
+    committed JSON (its --docs rewrites them), not typed by hand."""
     spec = importlib.util.spec_from_file_location("bench_distributed",
                                                   ROOT / "benchmarks" / "distributed.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    runs = json.loads((ROOT / "docs" / "benchmarks" / "distributed.json").read_text())["runs"]
-    guide = GUIDE.read_text()
-    assert bench.markdown(bench.summarize(runs), 3) in guide
-    assert bench.model_markdown(runs) in guide
+    runs = json.loads((ROOT / bench.DOCS_JSON).read_text())["runs"]
+    guide = (ROOT / bench.GUIDE).read_text()
+    assert report.rewrite(guide, bench.regions(runs)) == guide
