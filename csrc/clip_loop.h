@@ -1,5 +1,9 @@
-/* Gradient-clipping loops, instantiated like sgd_loop.h (same macros, plus
- * NORM_FN, SCALE_FN and CLAMP_FN naming the functions to define).
+/* Grad-wise loops: gradient clipping's and GradScaler's, instantiated like
+ * sgd_loop.h (same macros, plus SGD_C, the type an element is computed in,
+ * SGD_WIDEN(x) and SGD_ROUND(c) between the two, SGD_BOUND(x) a double
+ * bound rounded to the dtype, SGD_NONFINITE(x) whether a stored element is
+ * inf or NaN, and NORM_FN, SCALE_FN, CLAMP_FN, UNSCALE_FN
+ * and FINITE_FN naming the functions to define).
  *
  * A norm accumulates in double over 8 interleaved partial results (element i
  * goes to partial i % 8), combined as ((0+1)+(2+3))+((4+5)+(6+7)) at the end:
@@ -8,11 +12,10 @@
 
 #define NORM_LANES 8
 
-/* One element into a partial result of the p-norm. */
+/* One element's absolute value `a` into a partial result of the p-norm. */
 static inline __attribute__((always_inline)) SGD_TARGET double
-SGD_FN_CAT(NORM_FN, _accumulate)(double part, SGD_T x, double p)
+SGD_FN_CAT(NORM_FN, _accumulate)(double part, double a, double p)
 {
-    const double a = fabs((double)x);
     if (p == 2.0)
         return part + a * a;
     if (p == 1.0)
@@ -35,15 +38,16 @@ SGD_TARGET static double NORM_FN(const void *g_, int64_t n, double p)
     int64_t i = 0;
     for (; i + NORM_LANES <= n; i += NORM_LANES)
         for (int k = 0; k < NORM_LANES; k++)
-            part[k] = SGD_FN_CAT(NORM_FN, _accumulate)(part[k], g[i + k], p);
+            part[k] = SGD_FN_CAT(NORM_FN, _accumulate)(part[k],
+                                                       fabs((double)SGD_WIDEN(g[i + k])), p);
     for (int k = 0; i < n; i++, k++)  /* the remainder takes lanes 0, 1, ... */
-        part[k] = SGD_FN_CAT(NORM_FN, _accumulate)(part[k], g[i], p);
+        part[k] = SGD_FN_CAT(NORM_FN, _accumulate)(part[k], fabs((double)SGD_WIDEN(g[i])), p);
     if (n == 0)
         return 0.0;
     if (isinf(p)) {
         double r = part[0];
         for (int k = 1; k < NORM_LANES && k < n; k++)
-            r = SGD_FN_CAT(NORM_FN, _accumulate)(r, (SGD_T)part[k], p);
+            r = SGD_FN_CAT(NORM_FN, _accumulate)(r, part[k], p);
         return r;
     }
     const double sum = ((part[0] + part[1]) + (part[2] + part[3])) +
@@ -53,23 +57,51 @@ SGD_TARGET static double NORM_FN(const void *g_, int64_t n, double p)
     return p == 2.0 ? sqrt(sum) : pow(sum, 1.0 / p);
 }
 
-/* g *= (T)coef, as torch's g.mul_(coef). */
+/* g *= coef, coef rounded to the computing type, as torch's g.mul_(coef). */
 SGD_TARGET static void SCALE_FN(void *g_, int64_t n, double coef)
 {
     SGD_T *restrict g = (SGD_T *)g_;
-    const SGD_T c = (SGD_T)coef;
+    const SGD_C c = (SGD_C)coef;
     for (int64_t i = 0; i < n; i++)
-        g[i] = g[i] * c;
+        g[i] = SGD_ROUND(SGD_WIDEN(g[i]) * c);
 }
 
-/* g = clamp(g, lo, hi) as torch's clamp_: a NaN stays NaN. */
+/* g = clamp(g, lo, hi) as torch's clamp_, the bounds rounded to the dtype:
+ * a NaN stays NaN. */
 SGD_TARGET static void CLAMP_FN(void *g_, int64_t n, double lo, double hi)
 {
     SGD_T *restrict g = (SGD_T *)g_;
-    const SGD_T l = (SGD_T)lo, h = (SGD_T)hi;
+    const SGD_C l = SGD_BOUND(lo), h = SGD_BOUND(hi);
     for (int64_t i = 0; i < n; i++) {
-        SGD_T x = g[i];
+        SGD_C x = SGD_WIDEN(g[i]);
         x = x < l ? l : x;
-        g[i] = x > h ? h : x;
+        g[i] = SGD_ROUND(x > h ? h : x);
     }
+}
+
+/* GradScaler's unscale, as torch's _amp_non_finite_check_and_unscale_:
+ * g *= inv_scale in the computing type (inv_scale a float32, widened for
+ * float64 grads), every element; returns whether any element was inf or
+ * NaN before. */
+SGD_TARGET static int UNSCALE_FN(void *g_, int64_t n, float inv_scale)
+{
+    SGD_T *restrict g = (SGD_T *)g_;
+    const SGD_C inv = (SGD_C)inv_scale;
+    int bad = 0;
+    for (int64_t i = 0; i < n; i++) {
+        bad |= SGD_NONFINITE(g[i]);
+        g[i] = SGD_ROUND(SGD_WIDEN(g[i]) * inv);
+    }
+    return bad;
+}
+
+/* 1 if every element is finite: a master-weights step with GradScaler reads
+ * every grad with this before it writes anything. */
+SGD_TARGET static int FINITE_FN(const void *g_, int64_t n)
+{
+    const SGD_T *restrict g = (const SGD_T *)g_;
+    int bad = 0;
+    for (int64_t i = 0; i < n; i++)
+        bad |= SGD_NONFINITE(g[i]);
+    return !bad;
 }

@@ -43,7 +43,20 @@ typedef struct {
     int64_t offset;
 } position;
 
-static size_t elem_size(int dtype) { return dtype == FASTSGD_F32 ? 4 : 8; }
+static size_t elem_size(int dtype)
+{
+    return dtype == FASTSGD_F32 ? 4 : dtype == FASTSGD_F64 ? 8 : 2;
+}
+
+/* What run() runs over a list's spans. */
+typedef enum { RUN_SGD, RUN_STREAM, RUN_MASTER, RUN_STREAM_MASTER, RUN_CHECK } run_mode;
+
+typedef struct {
+    run_mode mode;
+    const fastsgd_sgd_hyper *h;
+    float inv_scale;   /* RUN_MASTER */
+    int nonfinite;     /* RUN_CHECK: set when a span finds an inf or NaN */
+} run_job;
 
 static int64_t total_elements(const fastsgd_tensor_list *list)
 {
@@ -95,11 +108,12 @@ static position cut(const fastsgd_tensor_list *list, int64_t k, int64_t nt, int6
 }
 #endif
 
-/* h == NULL runs the roofline loop instead of SGD. */
-static void run_span(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
+static void run_span(const fastsgd_impl *impl, int dtype, run_job *job,
                      const fastsgd_tensor_list *list, position begin, position end)
 {
     const size_t es = elem_size(dtype);
+    /* master weights: float32 masters and buffers beside 16-bit params */
+    const size_t bs = list->masters ? sizeof(float) : es;
     for (int64_t t = begin.tensor; t < list->ntensors && t <= end.tensor; t++) {
         int64_t lo = t == begin.tensor ? begin.offset : 0;
         int64_t hi = t == end.tensor ? end.offset : list->sizes[t];
@@ -107,11 +121,32 @@ static void run_span(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hype
             continue;
         char *p = (char *)list->params[t] + (size_t)lo * es;
         const char *g = (const char *)list->grads[t] + (size_t)lo * es;
-        char *b = list->bufs ? (char *)list->bufs[t] + (size_t)lo * es : NULL;
-        if (h)
-            impl->sgd[dtype](h, p, g, b, hi - lo, list->buf_is_new ? list->buf_is_new[t] : 0);
-        else
+        char *b = list->bufs ? (char *)list->bufs[t] + (size_t)lo * bs : NULL;
+        char *master = list->masters ? (char *)list->masters[t] + (size_t)lo * bs : NULL;
+        const int flags = list->buf_is_new ? list->buf_is_new[t] : 0;
+        /* torch's vector body ends where the tensor's last n % 32 begin */
+        const int64_t body_end = list->sizes[t] - list->sizes[t] % FASTSGD_HALF_CHUNK;
+        const int64_t n_body = body_end <= lo ? 0 : body_end >= hi ? hi - lo : body_end - lo;
+        switch (job->mode) {
+        case RUN_SGD:
+            impl->sgd[dtype](job->h, p, g, b, hi - lo, flags, n_body);
+            break;
+        case RUN_STREAM:
             impl->stream[dtype](p, g, b, hi - lo);
+            break;
+        case RUN_MASTER:
+            impl->master[dtype](job->h, p, g, b, master, hi - lo, flags, job->inv_scale);
+            break;
+        case RUN_STREAM_MASTER:
+            impl->stream_master(p, g, b, master, hi - lo);
+            break;
+        case RUN_CHECK:
+            if (!impl->finite[dtype](g, hi - lo)) {
+                job->nonfinite = 1;
+                return;
+            }
+            break;
+        }
     }
 }
 
@@ -131,14 +166,14 @@ int fastsgd_threads_for(int dtype, int64_t total, int with_buffers)
     return threads_with_at_least(bytes, parallel_min_bytes_per_thread);
 }
 
-static void run(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
+static void run(const fastsgd_impl *impl, int dtype, run_job *job,
                 const fastsgd_tensor_list *list, int serial)
 {
     const int64_t total = total_elements(list);
     const int nthreads = fastsgd_threads_for(dtype, total, list->bufs != NULL);
     if (nthreads <= 1 || serial) {
         position begin = {0, 0}, end = {list->ntensors, 0};
-        run_span(impl, dtype, h, list, begin, end);
+        run_span(impl, dtype, job, list, begin, end);
         return;
     }
 #ifdef _OPENMP
@@ -147,8 +182,13 @@ static void run(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
 #pragma omp parallel num_threads(nthreads)
     {
         const int64_t k = omp_get_thread_num(), nt = omp_get_num_threads();
-        run_span(impl, dtype, h, list, cut(list, k, nt, total, es),
+        run_job mine = *job;  /* RUN_CHECK's flag, or'ed in below */
+        run_span(impl, dtype, &mine, list, cut(list, k, nt, total, es),
                  cut(list, k + 1, nt, total, es));
+        if (mine.nonfinite) {
+#pragma omp atomic write
+            job->nonfinite = 1;
+        }
     }
 #endif
 }
@@ -156,14 +196,49 @@ static void run(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
 void fastsgd_sgd(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
                  const fastsgd_tensor_list *list, int serial)
 {
-    run(impl, dtype, h, list, serial);
+    run_job job = {RUN_SGD, h, 1.0f, 0};
+    run(impl, dtype, &job, list, serial);
 }
 
 void fastsgd_stream(const fastsgd_impl *impl, int dtype, const fastsgd_tensor_list *list,
                     int serial)
 {
-    run(impl, dtype, NULL, list, serial);
+    run_job job = {list->masters ? RUN_STREAM_MASTER : RUN_STREAM, NULL, 1.0f, 0};
+    run(impl, dtype, &job, list, serial);
 }
+
+/* ---- half precision (issue 14) */
+void fastsgd_sgd_master(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
+                        const fastsgd_tensor_list *list, float inv_scale, int serial)
+{
+    run_job job = {RUN_MASTER, h, inv_scale, 0};
+    run(impl, dtype, &job, list, serial);
+}
+
+void fastsgd_stream_master(const fastsgd_impl *impl, int dtype, const fastsgd_tensor_list *list,
+                           int serial)
+{
+    run_job job = {RUN_STREAM_MASTER, NULL, 1.0f, 0};
+    run(impl, dtype, &job, list, serial);
+}
+
+int fastsgd_grads_finite(const fastsgd_impl *impl, int dtype, const fastsgd_tensor_list *list,
+                         int serial)
+{
+    run_job job = {RUN_CHECK, NULL, 1.0f, 0};
+    run(impl, dtype, &job, list, serial);
+    return !job.nonfinite;
+}
+
+int fastsgd_unscale(const fastsgd_impl *impl, int dtype, int64_t ntensors, void *const *arrays,
+                    const int64_t *sizes, float inv_scale)
+{
+    int found = 0;
+    for (int64_t t = 0; t < ntensors; t++)
+        found |= impl->unscale[dtype](arrays[t], sizes[t], inv_scale);
+    return found;
+}
+/* ---- */
 
 void fastsgd_norms(const fastsgd_impl *impl, int dtype, int64_t ntensors,
                    const void *const *arrays, const int64_t *sizes, double p, double *norms)

@@ -1,5 +1,6 @@
 /* fastsgd's C ABI: multi-tensor SGD, roofline and clipping kernels over raw
- * float32/float64 buffers, the choice of kernel and the threads.
+ * float32/float64/float16/bfloat16 buffers, the choice of kernel and the
+ * threads.
  *
  * The kernels only compute: the caller (fastsgd/_native/, whose rules.pxd
  * states the checks) has already checked that every pointer is valid for
@@ -26,7 +27,18 @@ typedef struct {
     int maximize;
 } fastsgd_sgd_hyper;
 
-enum { FASTSGD_F32 = 0, FASTSGD_F64 = 1 };
+/* float16 is IEEE binary16; bfloat16 the top half of a float32 (ml_dtypes'
+ * and torch's).  Both are stored as uint16_t. */
+enum { FASTSGD_F32 = 0, FASTSGD_F64 = 1, FASTSGD_F16 = 2, FASTSGD_BF16 = 3 };
+#define FASTSGD_NDTYPES 4
+
+/* torch's 16-bit kernels run a vector body over each tensor and its scalar
+ * code over the last n % FASTSGD_HALF_CHUNK elements, which round
+ * differently (measured on torch 2.13 at AVX2 and AVX-512 alike). */
+#define FASTSGD_HALF_CHUNK 32
+
+/* Per-tensor flags of a master-weights step (buf_is_new's bits there). */
+enum { FASTSGD_NEW_BUF = 1, FASTSGD_NEW_MASTER = 2 };
 
 /* Every tensor of one dtype of a parameter group.  `buf_is_new[t]` marks a
  * tensor whose momentum buffer is uninitialised memory that this step fills
@@ -39,12 +51,18 @@ typedef struct {
     void *const *bufs;
     const uint8_t *buf_is_new;
     const int64_t *sizes;
+    /* master weights: the float32 master copies (params are then the 16-bit
+     * parameters, bufs float32 and buf_is_new the FASTSGD_NEW_* flags, never
+     * NULL); NULL otherwise */
+    void *const *masters;
 } fastsgd_tensor_list;
 
 /* One contiguous run of `n` elements of one tensor (p, g and b point at the
- * run's first element; b is NULL when momentum is 0). */
+ * run's first element; b is NULL when momentum is 0).  For 16-bit dtypes,
+ * the first n_body elements lie in torch's vector body, the others in its
+ * scalar remainder (float32 and float64 ignore it). */
 typedef void (*fastsgd_sgd_range_fn)(const fastsgd_sgd_hyper *h, void *p, const void *g,
-                                     void *b, int64_t n, int first_step);
+                                     void *b, int64_t n, int first_step, int64_t n_body);
 /* The roofline: the same reads and writes per element as an SGD step, with
  * next to no arithmetic. */
 typedef void (*fastsgd_stream_range_fn)(void *p, const void *g, void *b, int64_t n);
@@ -56,21 +74,46 @@ typedef double (*fastsgd_norm_fn)(const void *g, int64_t n, double p);
 typedef void (*fastsgd_scale_fn)(void *g, int64_t n, double coef);
 typedef void (*fastsgd_clamp_fn)(void *g, int64_t n, double lo, double hi);
 
+/* ---- half precision (issue 14) */
+/* GradScaler's unscale of one array: g *= inv_scale (torch's
+ * _amp_non_finite_check_and_unscale_); returns 1 if an element was inf or
+ * NaN.  And the check alone: 1 if every element is finite. */
+typedef int (*fastsgd_unscale_fn)(void *g, int64_t n, float inv_scale);
+typedef int (*fastsgd_finite_fn)(const void *g, int64_t n);
+/* A run of a master-weights step (master_loop.h): p the 16-bit parameter,
+ * g its 16-bit grad, b the float32 buffer (NULL when momentum is 0),
+ * master the float32 master; flags FASTSGD_NEW_*; the grad is multiplied
+ * by inv_scale (1 without GradScaler). */
+typedef void (*fastsgd_master_range_fn)(const fastsgd_sgd_hyper *h, void *p, const void *g,
+                                        void *b, void *master, int64_t n, int flags,
+                                        float inv_scale);
+/* The roofline of a master-weights step: its reads and writes per element. */
+typedef void (*fastsgd_stream_master_fn)(void *p, const void *g, void *b, void *master,
+                                         int64_t n);
+/* ---- */
+
 /* One implementation: an instruction set and its rounding, per dtype. */
 typedef struct {
     const char *name;
-    fastsgd_sgd_range_fn sgd[2];
-    fastsgd_stream_range_fn stream[2];
-    fastsgd_norm_fn norm[2];
-    fastsgd_scale_fn scale[2];
-    fastsgd_clamp_fn clamp[2];
+    fastsgd_sgd_range_fn sgd[FASTSGD_NDTYPES];
+    fastsgd_stream_range_fn stream[FASTSGD_NDTYPES];
+    fastsgd_norm_fn norm[FASTSGD_NDTYPES];
+    fastsgd_scale_fn scale[FASTSGD_NDTYPES];
+    fastsgd_clamp_fn clamp[FASTSGD_NDTYPES];
+    /* ---- half precision (issue 14); master[] is NULL for float32/float64 */
+    fastsgd_unscale_fn unscale[FASTSGD_NDTYPES];
+    fastsgd_finite_fn finite[FASTSGD_NDTYPES];
+    fastsgd_master_range_fn master[FASTSGD_NDTYPES];
+    fastsgd_stream_master_fn stream_master;
+    /* ---- */
 } fastsgd_impl;
 
 /* The implementation called `name`, or NULL if this build or this CPU lacks
  * it.  "default" rounds as torch at ATEN_CPU_CAPABILITY=default (multiply,
  * round, add, round); "portable", "avx2" and "avx512" as torch's vectorised
- * kernels (one fused multiply-add per `x.add(y, alpha=a)`), bit-identical to
- * each other. */
+ * kernels (one fused multiply-add per `x.add(y, alpha=a)`; for 16-bit
+ * dtypes, each tensor's last n % 32 elements as torch's scalar remainder),
+ * bit-identical to each other. */
 const fastsgd_impl *fastsgd_find_impl(const char *name);
 
 /* The implementation whose rounding torch uses on this CPU, fastest first. */
@@ -104,6 +147,31 @@ void fastsgd_scale(const fastsgd_impl *impl, int dtype, int64_t ntensors, void *
 void fastsgd_clamp(const fastsgd_impl *impl, int dtype, int64_t ntensors, void *const *arrays,
                    const int64_t *sizes, double lo, double hi);
 
+/* ---- half precision (issue 14) */
+/* GradScaler's unscale of `ntensors` arrays of one dtype, in place, on the
+ * calling thread; returns 1 if any element of any array was inf or NaN. */
+int fastsgd_unscale(const fastsgd_impl *impl, int dtype, int64_t ntensors, void *const *arrays,
+                    const int64_t *sizes, float inv_scale);
+
+/* 1 if every grad of `list` is finite.  Reads grads[t] only; split over
+ * threads as fastsgd_sgd. */
+int fastsgd_grads_finite(const fastsgd_impl *impl, int dtype, const fastsgd_tensor_list *list,
+                         int serial);
+
+/* One master-weights step of every tensor of `list` (dtype FASTSGD_F16 or
+ * FASTSGD_BF16, list->masters set), split over threads as fastsgd_sgd.
+ * Reads *h, the list, grads[t], params[t] (when FASTSGD_NEW_MASTER),
+ * masters[t] (otherwise) and bufs[t] (when momentum != 0 and not
+ * FASTSGD_NEW_BUF); writes masters[t], params[t] and, when momentum != 0,
+ * bufs[t]. */
+void fastsgd_sgd_master(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
+                        const fastsgd_tensor_list *list, float inv_scale, int serial);
+
+/* The roofline of fastsgd_sgd_master: the same arrays read and written. */
+void fastsgd_stream_master(const fastsgd_impl *impl, int dtype, const fastsgd_tensor_list *list,
+                           int serial);
+/* ---- */
+
 /* Threads a call may use (OpenMP's max threads, honouring OMP_NUM_THREADS);
  * 1 in a build without OpenMP.  Setting it writes OpenMP's process-wide
  * setting, which every library sharing the OpenMP runtime sees. */
@@ -111,7 +179,8 @@ int fastsgd_get_num_threads(void);
 void fastsgd_set_num_threads(int n);
 
 /* How many threads a call over `total` elements of `dtype` uses (with
- * momentum buffers or not), unless it must run serially. */
+ * momentum buffers or not), unless it must run serially (a master-weights
+ * step moves more bytes per element, but is split as its 16-bit dtype). */
 int fastsgd_threads_for(int dtype, int64_t total, int with_buffers);
 
 /* Runs fn(ctx, begin, end) over [0, n), one range per thread, on as many

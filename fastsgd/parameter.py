@@ -1,18 +1,28 @@
 """fastsgd.Parameter: a trainable numpy array with a `.grad`."""
 import copy
+import sys
 
 import numpy as np
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
+
+
+def is_bfloat16(dtype):
+    """Whether dtype is ml_dtypes' bfloat16 (its type number is assigned when
+    ml_dtypes registers it: compare the scalar type, never the number; and
+    no bfloat16 array exists before ml_dtypes is imported)."""
+    ml_dtypes = sys.modules.get("ml_dtypes")
+    return ml_dtypes is not None and np.dtype(dtype).type is getattr(ml_dtypes, "bfloat16", None)
 
 
 class Parameter(np.ndarray):
-    """A float32 or float64 array that an optimizer updates in place.
+    """A float32, float64, float16 or bfloat16 array that an optimizer updates
+    in place (bfloat16: ``ml_dtypes.bfloat16``).
 
-    ``Parameter(array)`` shares memory with ``array`` when it is already a
-    float32/float64 ndarray (as ``torch.nn.Parameter`` wraps a tensor);
-    anything else is converted with ``np.asarray(data, dtype=dtype)``, which
-    must give float32 or float64.
+    ``Parameter(array)`` shares memory with ``array`` when it is already an
+    ndarray of one of those dtypes (as ``torch.nn.Parameter`` wraps a
+    tensor); anything else is converted with ``np.asarray(data,
+    dtype=dtype)``, which must give one of them.
 
     ``.grad`` is ``None`` or an ndarray of the parameter's shape and dtype,
     set by the user's backward pass.  A Parameter hashes by identity, so it
@@ -33,10 +43,10 @@ class Parameter(np.ndarray):
 
     def __new__(cls, data, dtype=None):
         array = np.asarray(data, dtype=dtype)
-        if array.dtype not in _FLOAT_DTYPES:
+        if array.dtype not in _FLOAT_DTYPES and not is_bfloat16(array.dtype):
             raise TypeError(
-                f"Parameter needs float32 or float64 data, but got {array.dtype}; "
-                "pass dtype=np.float32 or np.float64 to convert")
+                f"Parameter needs float32, float64, float16 or bfloat16 data, but got "
+                f"{array.dtype}; pass dtype=np.float32 or np.float64 to convert")
         return array.view(cls)
 
     def __array_finalize__(self, obj):

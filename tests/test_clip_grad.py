@@ -113,7 +113,7 @@ def test_bad_grads_are_named():
     with pytest.raises(ValueError, match=r"^params\[1\]: grad must be contiguous"):
         fastsgd.clip_grad_norm_([p, q], 1.0)
     q.grad = np.ones(4, np.int64)
-    with pytest.raises(TypeError, match=r"^params\[1\]: grad must be float32 or float64"):
+    with pytest.raises(TypeError, match=r"^params\[1\]: grad must be float32, float64, float16 or bfloat16"):
         fastsgd.clip_grad_value_([p, q], 1.0)
 
 

@@ -254,11 +254,11 @@ def add(name, src):
 
 # ------------------------------------------------------------ grad dtypes
 
-for _dtype in ["np.int64", "np.int32", "np.bool_", "np.float16", "np.complex128",
+for _dtype in ["np.int64", "np.int32", "np.bool_", "np.complex128",
                "np.complex64", "object", "np.longdouble"]:
     add(f"grad_dtype_{_dtype.replace('np.', '').strip('_')}", f"""
         P1[0].grad = np.ones(P1[0].shape, dtype={_dtype})
-        expect_error(TypeError, W(1, 0) + "grad must be float32 or float64, but got ")
+        expect_error(TypeError, W(1, 0) + "grad must be float32, float64, float16 or bfloat16, but got ")
     """)
 
 add("grad_float64_on_float32_param", """
@@ -283,13 +283,13 @@ add("grad_misaligned", """
 
 # ----------------------------------------------------------- param dtypes
 
-for _dtype in ["np.int64", "np.float16", "np.complex128", "np.bool_"]:
+for _dtype in ["np.int64", "np.uint16", "np.complex128", "np.bool_"]:
     add(f"param_dtype_{_dtype.replace('np.', '').strip('_')}", f"""
         # Parameter() refuses these; a view can still make one.
         p = np.zeros(4, {_dtype}).view(Parameter)
         p.grad = np.zeros(4, {_dtype})
         opt.param_groups[1]["params"].append(p)
-        expect_error(TypeError, W(1, 4) + "parameter must be float32 or float64, but got ")
+        expect_error(TypeError, W(1, 4) + "parameter must be float32, float64, float16 or bfloat16, but got ")
     """)
 
 add("param_byte_swapped", """
@@ -596,7 +596,7 @@ add("params_of_two_dtypes_share_memory", """
         o.step()
     except ValueError as e:
         assert str(e).startswith("param_groups[0]['params'][1]: shares memory with a "
-                                 "parameter of the other dtype"), e
+                                 "parameter of another dtype"), e
     else:
         raise AssertionError("no error")
     assert np.array_equal(a, before)
@@ -877,7 +877,7 @@ add("buffer_wrong_dtype", """
 """)
 add("buffer_int_dtype", """
     opt.state[P1[2]]["momentum_buffer"] = np.zeros((), np.int64)
-    expect_error(TypeError, W(1, 2) + "momentum_buffer must be float32 or float64, but got int64")
+    expect_error(TypeError, W(1, 2) + "momentum_buffer must be float32, float64, float16 or bfloat16, but got int64")
 """)
 add("buffer_is_a_list", """
     opt.state[P1[0]]["momentum_buffer"] = [0.0] * 5

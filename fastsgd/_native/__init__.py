@@ -4,10 +4,10 @@ kernels (kernel choice and threads; owns the C library), objects.pxd (reading
 arrays and Parameters on raw pointers), rules.pxd (the input rules and their
 messages), batch (pointer lists and the arrays they hold), plan (a group's
 staging and the plan cache), stepper (the step and the functional entry),
-clip (clipping's loops) and roofline (the benchmark's rooflines, outside the
+clip (clipping's and GradScaler's loops) and roofline (the benchmark's rooflines, outside the
 step path).  This file gathers the names the rest of fastsgd uses.
 """
-from .clip import clamp_grads, grad_norms, scale_grads
+from .clip import clamp_grads, grad_norms, scale_grads, unscale_grads
 from .kernels import (
     available_capabilities,
     cpu_capability,
@@ -39,4 +39,5 @@ __all__ = [
     "set_cpu_capability",
     "set_num_threads",
     "sgd",
+    "unscale_grads",
 ]

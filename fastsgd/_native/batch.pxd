@@ -13,8 +13,8 @@ from libc.string cimport memset
 
 cimport numpy as cnp
 
-from fastsgd._native.kernels cimport FASTSGD_F32, FASTSGD_F64, fastsgd_tensor_list
-from fastsgd._native.objects cimport array_ptr, owner_of
+from fastsgd._native.kernels cimport FASTSGD_NDTYPES, fastsgd_tensor_list
+from fastsgd._native.objects cimport array_ptr, kernel_dtype, owner_of
 
 
 cdef extern from *:
@@ -50,27 +50,27 @@ cdef void *grow(void *old, size_t nbytes) except NULL
 
 
 # What staging reads and writes (see plan.pyx): the group's lists
-# (borrowed) and the arrays of the float32 and float64 batches, indexed by
-# the tensor's position in the group.
+# (borrowed) and the arrays of the batch of each dtype, indexed by the
+# tensor's position in the group.
 cdef struct StagingJob:
     PyObject **params
     PyObject **buffers  # NULL without momentum
-    int64_t *results  # per position: 2 * element count + dtype, NO_GRAD or SLOW
-    void **params_data[2]
-    const void **grads_data[2]
-    void **bufs_data[2]
-    uint8_t *buf_is_new[2]
-    int64_t *sizes[2]
-    PyObject **held[2]
-    void **clean_grads[2]
+    int64_t *results  # per position: 4 * element count + dtype, NO_GRAD or SLOW
+    void **params_data[FASTSGD_NDTYPES]
+    const void **grads_data[FASTSGD_NDTYPES]
+    void **bufs_data[FASTSGD_NDTYPES]
+    uint8_t *buf_is_new[FASTSGD_NDTYPES]
+    int64_t *sizes[FASTSGD_NDTYPES]
+    PyObject **held[FASTSGD_NDTYPES]
+    void **clean_grads[FASTSGD_NDTYPES]
     void **owner_slots  # the group's Owners
     size_t owner_mask
     int found  # FOUND_* bits (plan.pyx), or'ed in by every thread
 
 
 cdef inline int dtype_of(array_ptr a) noexcept nogil:
-    """The kernel's dtype of a float32 or float64 array."""
-    return FASTSGD_F32 if a.descr.type_num == cnp.NPY_FLOAT32 else FASTSGD_F64
+    """The kernel's dtype of an array that passed the rules."""
+    return kernel_dtype(a)
 
 
 cdef inline void put_entry(StagingJob *job, int64_t i, array_ptr param, PyObject *grad,
@@ -141,6 +141,8 @@ cdef class Batch:
     cdef void **bufs
     cdef uint8_t *buf_is_new
     cdef int64_t *sizes
+    cdef void **masters  # master weights' float32 copies; as_list passes them if with_masters
+    cdef bint with_masters
     cdef PyObject **held  # 2 per tensor: grad, buffer (or NULL)
     # Per tensor, a grad that owns its memory and was found to share none
     # with the group's parameters and buffers (address and data), valid
@@ -172,6 +174,15 @@ cdef class Batch:
         hold(grad)
         hold(self.held[2 * i + 1])
         self.count = i + 1
+
+    cdef inline void add_master(self, PyObject *param, PyObject *grad, PyObject *master,
+                                PyObject *buf, Py_ssize_t size, int flags) noexcept:
+        """Add a checked master-weights tensor (flags: FASTSGD_NEW_*); the
+        plan holds master and buf, as it holds the param."""
+        cdef Py_ssize_t i = self.count
+        self.add(param, grad, buf, size, False, False)
+        self.buf_is_new[i] = <uint8_t>flags
+        self.masters[i] = (<array_ptr>master).data
 
     cdef inline void keep(self, Py_ssize_t i) noexcept:
         """Add the entry staging wrote (and whose grad it holds) at

@@ -58,6 +58,7 @@ cdef class Batch:
         PyMem_Free(self.bufs)
         PyMem_Free(self.buf_is_new)
         PyMem_Free(self.sizes)
+        PyMem_Free(self.masters)
         PyMem_Free(self.held)
         PyMem_Free(self.clean_grads)
 
@@ -69,6 +70,7 @@ cdef class Batch:
         self.bufs = <void **>grow(self.bufs, n * sizeof(void *))
         self.buf_is_new = <uint8_t *>grow(self.buf_is_new, n * sizeof(uint8_t))
         self.sizes = <int64_t *>grow(self.sizes, n * sizeof(int64_t))
+        self.masters = <void **>grow(self.masters, n * sizeof(void *))
         self.held = <PyObject **>grow(self.held, 2 * n * sizeof(PyObject *))
         self.clean_grads = <void **>grow(self.clean_grads, 2 * n * sizeof(void *))
         memset(self.clean_grads, 0, 2 * n * sizeof(void *))
@@ -121,4 +123,8 @@ cdef class Batch:
         lst.bufs = self.bufs if with_buffers else NULL
         lst.buf_is_new = self.buf_is_new if with_buffers else NULL
         lst.sizes = self.sizes
+        lst.masters = NULL
+        if self.with_masters:
+            lst.masters = self.masters
+            lst.buf_is_new = self.buf_is_new  # the FASTSGD_NEW_* flags, with or without buffers
         return lst

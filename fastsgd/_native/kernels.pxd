@@ -18,6 +18,11 @@ cdef extern from "fastsgd.h" nogil:
     enum:
         FASTSGD_F32
         FASTSGD_F64
+        FASTSGD_F16
+        FASTSGD_BF16
+        FASTSGD_NDTYPES
+        FASTSGD_NEW_BUF
+        FASTSGD_NEW_MASTER
 
     ctypedef struct fastsgd_tensor_list:
         int64_t ntensors
@@ -26,6 +31,7 @@ cdef extern from "fastsgd.h" nogil:
         void **bufs
         const uint8_t *buf_is_new
         const int64_t *sizes
+        void **masters
 
     ctypedef struct fastsgd_impl:
         const char *name
@@ -48,6 +54,18 @@ cdef void scale(const fastsgd_impl *impl, int dtype, int64_t ntensors, void **ar
                 const int64_t *sizes, double coef) noexcept nogil
 cdef void clamp(const fastsgd_impl *impl, int dtype, int64_t ntensors, void **arrays,
                 const int64_t *sizes, double lo, double hi) noexcept nogil
+
+# ---- half precision (issue 14): csrc/fastsgd.h's fastsgd_unscale, fastsgd_grads_finite,
+# fastsgd_sgd_master and fastsgd_stream_master
+cdef bint unscale(const fastsgd_impl *impl, int dtype, int64_t ntensors, void **arrays,
+                  const int64_t *sizes, float inv_scale) noexcept nogil
+cdef bint grads_finite(const fastsgd_impl *impl, int dtype, const fastsgd_tensor_list *lst,
+                       bint serial) noexcept nogil
+cdef void sgd_master(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
+                     const fastsgd_tensor_list *lst, float inv_scale, bint serial) noexcept nogil
+cdef void stream_master(const fastsgd_impl *impl, int dtype, const fastsgd_tensor_list *lst,
+                        bint serial) noexcept nogil
+# ----
 
 cdef int threads_for(int dtype, int64_t total, bint with_buffers) noexcept nogil
 cdef int parallel_ranges(int64_t n, int64_t min_per_thread, fastsgd_range_fn fn,

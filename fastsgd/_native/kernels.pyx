@@ -23,6 +23,14 @@ cdef extern from "fastsgd.h" nogil:
                        const int64_t *sizes, double coef)
     void fastsgd_clamp(const fastsgd_impl *impl, int dtype, int64_t ntensors, void **arrays,
                        const int64_t *sizes, double lo, double hi)
+    int fastsgd_unscale(const fastsgd_impl *impl, int dtype, int64_t ntensors, void **arrays,
+                        const int64_t *sizes, float inv_scale)
+    int fastsgd_grads_finite(const fastsgd_impl *impl, int dtype,
+                             const fastsgd_tensor_list *list, int serial)
+    void fastsgd_sgd_master(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
+                            const fastsgd_tensor_list *list, float inv_scale, int serial)
+    void fastsgd_stream_master(const fastsgd_impl *impl, int dtype,
+                               const fastsgd_tensor_list *list, int serial)
     int fastsgd_get_num_threads()
     void fastsgd_set_num_threads(int n)
     int fastsgd_has_openmp()
@@ -140,6 +148,30 @@ cdef void scale(const fastsgd_impl *impl, int dtype, int64_t ntensors, void **ar
 cdef void clamp(const fastsgd_impl *impl, int dtype, int64_t ntensors, void **arrays,
                 const int64_t *sizes, double lo, double hi) noexcept nogil:
     fastsgd_clamp(impl, dtype, ntensors, arrays, sizes, lo, hi)
+
+
+# ---- half precision (issue 14)
+cdef bint unscale(const fastsgd_impl *impl, int dtype, int64_t ntensors, void **arrays,
+                  const int64_t *sizes, float inv_scale) noexcept nogil:
+    return fastsgd_unscale(impl, dtype, ntensors, arrays, sizes, inv_scale) != 0
+
+
+cdef bint grads_finite(const fastsgd_impl *impl, int dtype, const fastsgd_tensor_list *lst,
+                       bint serial) noexcept nogil:
+    return fastsgd_grads_finite(impl, dtype, lst, serial) != 0
+
+
+cdef void sgd_master(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
+                     const fastsgd_tensor_list *lst, float inv_scale, bint serial) noexcept nogil:
+    _count_kernel_call()
+    fastsgd_sgd_master(impl, dtype, h, lst, inv_scale, serial)
+
+
+cdef void stream_master(const fastsgd_impl *impl, int dtype, const fastsgd_tensor_list *lst,
+                        bint serial) noexcept nogil:
+    _count_kernel_call()
+    fastsgd_stream_master(impl, dtype, lst, serial)
+# ----
 
 
 cdef int threads_for(int dtype, int64_t total, bint with_buffers) noexcept nogil:

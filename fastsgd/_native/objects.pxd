@@ -1,15 +1,23 @@
 # Reading objects on raw pointers: numpy's array struct, a Parameter's type and .grad slot.
 #
+# A parameter's dtype is float32, float64, float16 or ml_dtypes' bfloat16.  bfloat16 has a type
+# number numpy assigns when ml_dtypes registers it: it is recognised by its scalar type object,
+# found in sys.modules once ml_dtypes is imported (refresh_bfloat16), never imported here.
+#
 # Staging reads every tensor's objects, on several threads while the calling thread holds the
 # GIL (so nothing moves): these reads take no reference and call nothing.  Each module that
 # cimports this one calls init_objects() once at import.
 cimport numpy as cnp
 from cpython.object cimport PyObject, PyTypeObject
+from cpython.ref cimport Py_INCREF
+
+from fastsgd._native.kernels cimport FASTSGD_BF16, FASTSGD_F16, FASTSGD_F32, FASTSGD_F64
 
 
 # numpy's public array struct, read directly on the fast path.
 cdef extern from "numpy/ndarraytypes.h":
     ctypedef struct descr_fields "PyArray_Descr":
+        PyTypeObject *typeobj
         char byteorder
         int type_num
     ctypedef struct PyArrayObject_fields:
@@ -52,10 +60,12 @@ cdef extern from *:
     static PyTypeObject *fastsgd_ndarray_type = NULL;
     static PyTypeObject *fastsgd_parameter_type = NULL;
     static Py_ssize_t fastsgd_grad_offset = -1;
+    static PyTypeObject *fastsgd_bfloat16_type = NULL;  /* until ml_dtypes is seen */
     """
     PyTypeObject *NDARRAY_TYPE "fastsgd_ndarray_type"
     PyTypeObject *PARAMETER_TYPE "fastsgd_parameter_type"
     Py_ssize_t GRAD_OFFSET "fastsgd_grad_offset"
+    PyTypeObject *BFLOAT16_TYPE "fastsgd_bfloat16_type"
 
 cdef extern from *:
     """
@@ -76,6 +86,22 @@ cdef inline int init_objects() except -1:
     if type(descriptor).__name__ == "member_descriptor":
         GRAD_OFFSET = (<PyMemberDescrObject *>descriptor).d_member.offset
     return 0
+
+
+cdef inline bint refresh_bfloat16() except -1:
+    """Recognise ml_dtypes' bfloat16 from now on, if ml_dtypes has been
+    imported (no bfloat16 array exists before).  True if it just was."""
+    global BFLOAT16_TYPE
+    if BFLOAT16_TYPE != NULL:
+        return False
+    import sys
+    ml_dtypes = sys.modules.get("ml_dtypes")
+    bfloat16 = getattr(ml_dtypes, "bfloat16", None)
+    if not isinstance(bfloat16, type):
+        return False
+    Py_INCREF(bfloat16)  # held for the life of the process
+    BFLOAT16_TYPE = <PyTypeObject *>bfloat16
+    return True
 
 
 cdef inline PyObject *grad_slot(PyObject *param) noexcept nogil:
@@ -99,8 +125,24 @@ cdef inline bint is_array(PyObject *x) noexcept nogil:
     return t == NDARRAY_TYPE or t == PARAMETER_TYPE or type_check(x, NDARRAY_TYPE)
 
 
+cdef inline int kernel_dtype(array_ptr a) noexcept nogil:
+    """The kernel's dtype (FASTSGD_*) of an array, or -1 for any other."""
+    cdef int t = a.descr.type_num
+    if t == cnp.NPY_FLOAT32:
+        return FASTSGD_F32
+    if t == cnp.NPY_FLOAT64:
+        return FASTSGD_F64
+    if t == cnp.NPY_FLOAT16:
+        return FASTSGD_F16
+    if BFLOAT16_TYPE != NULL and a.descr.typeobj == BFLOAT16_TYPE:
+        return FASTSGD_BF16
+    return -1
+
+
 cdef inline Py_ssize_t itemsize(array_ptr a) noexcept nogil:
-    return 4 if a.descr.type_num == cnp.NPY_FLOAT32 else 8
+    """The element size of an array of a kernel's dtype."""
+    cdef int dtype = kernel_dtype(a)
+    return 4 if dtype == FASTSGD_F32 else 8 if dtype == FASTSGD_F64 else 2
 
 
 cdef inline Py_ssize_t size_of(array_ptr a) noexcept nogil:

@@ -2,8 +2,10 @@
 from cpython.object cimport PyObject
 from libc.stdint cimport int64_t
 
+from cpython.tuple cimport PyTuple_GET_ITEM
+
 from fastsgd._native.batch cimport Batch, Owners, dtype_of
-from fastsgd._native.kernels cimport FASTSGD_F32, fastsgd_sgd_hyper
+from fastsgd._native.kernels cimport fastsgd_sgd_hyper
 from fastsgd._native.objects cimport array_ptr
 
 
@@ -28,13 +30,15 @@ cdef class GroupPlan:
     and momentum stays on or off.  Anything else rebuilds it from the state."""
     cdef fastsgd_sgd_hyper hyper
     cdef bint with_momentum
+    cdef bint master_weights  # the group's option: float32 master copies of 16-bit params
     cdef bint serial  # some tensors share memory: step them in order, on one thread
     cdef bint looks_up_buffers  # some buffers are read from the state every step
-    cdef Py_ssize_t cross_dtype_alias  # a param sharing memory with one of the other dtype, or -1
+    cdef Py_ssize_t cross_dtype_alias  # a param sharing memory with one of another dtype, or -1
     cdef Owners owners  # of the memory of the params and buffers serial was decided on
-    cdef Batch f32
-    cdef Batch f64
+    cdef tuple batches  # a Batch per kernel dtype (FASTSGD_*)
     cdef readonly list new_buffers
+    cdef readonly list new_masters  # [(position, master)] this step creates (master weights)
+    cdef list master_arrays  # the masters and buffers of a master-weights step, twice each
     # {parameter: buffer} created by the groups before this one in this step
     # (None if none): a parameter listed in several groups takes, as in torch,
     # the buffer its first group creates (torch refuses such groups only in
@@ -64,8 +68,17 @@ cdef class GroupPlan:
                           Py_ssize_t group_index) except -1
     cdef int prepare_lists(self, list params, list grads, list buffers,
                            dict options) except -1
-    cdef void run(self, bint roofline)
+    cdef int stage_master_group(self, object state, Py_ssize_t group_index) except -1
+    cdef int stage_master(self, Py_ssize_t i, object param, object state, dict pending,
+                          Py_ssize_t group_index) except -1
+    cdef int check_alphas(self, Py_ssize_t group_index) except -1
+    cdef bint grads_finite(self)
+    cdef void run(self, bint roofline, float inv_scale)
     cdef int commit(self, object state) except -1
+    cdef void clear_batches(self) noexcept
+
+    cdef inline Batch batch(self, int dtype):
+        return <Batch>PyTuple_GET_ITEM(self.batches, dtype)
 
     cdef inline Batch batch_of(self, PyObject *param):
-        return self.f32 if dtype_of(<array_ptr>param) == FASTSGD_F32 else self.f64
+        return self.batch(dtype_of(<array_ptr>param))

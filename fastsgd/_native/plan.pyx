@@ -18,12 +18,15 @@ from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from fastsgd._native cimport kernels
 from fastsgd._native.batch cimport (StagingJob, dtype_of, grow, hold_shared, may_alias,
                                     or_shared, put_entry)
-from fastsgd._native.kernels cimport FASTSGD_F32, FASTSGD_F64, fastsgd_impl, fastsgd_tensor_list
+from fastsgd._native.kernels cimport (FASTSGD_BF16, FASTSGD_F16, FASTSGD_NDTYPES,
+                                      FASTSGD_NEW_BUF, FASTSGD_NEW_MASTER, fastsgd_impl,
+                                      fastsgd_tensor_list)
 from fastsgd._native.objects cimport (GRAD_OFFSET, PARAMETER_TYPE, PyListObject,
                                       PyTupleObject, array_ptr, grad_of, grad_slot,
-                                      init_objects, type_of)
-from fastsgd._native.rules cimport (explain_rejection, flag_option, option, real_option,
-                                    steps_as_is, where)
+                                      init_objects, refresh_bfloat16, type_of)
+from fastsgd._native.rules cimport (check_alpha_fits, explain_master_rejection,
+                                    explain_rejection, flag_option, master_steps_as_is, option,
+                                    real_option, steps_as_is, where)
 
 from fastsgd.optimizer import ParamState
 from fastsgd.parameter import Parameter
@@ -43,16 +46,16 @@ def parallel_staging_count():
 
 
 def _first_overlap_across_dtypes(params):
-    """Position of the first parameter sharing memory with one of the other
-    dtype (float32 vs float64) in params, or -1."""
-    spans = sorted((a.__array_interface__["data"][0], a.nbytes, a.dtype == np.float32, i)
+    """Position of the first parameter sharing memory with one of another
+    dtype in params, or -1."""
+    spans = sorted((a.__array_interface__["data"][0], a.nbytes, i, a.dtype)
                    for i, a in enumerate(params)
                    if isinstance(a, np.ndarray) and a.nbytes)
-    reach = {True: 0, False: 0}  # how far the spans of each dtype reach so far
-    for start, nbytes, is_f32, i in spans:
-        if start < reach[not is_f32]:
+    reach = {}  # how far the spans of each dtype reach so far
+    for start, nbytes, i, dtype in spans:
+        if any(start < end for other, end in reach.items() if other != dtype):
             return i
-        reach[is_f32] = max(reach[is_f32], start + nbytes)
+        reach[dtype] = max(reach.get(dtype, 0), start + nbytes)
     return -1
 
 
@@ -115,13 +118,13 @@ cdef inline Py_ssize_t _steady_state(PyObject *param, PyObject *buf, bint with_m
 
 
 # What the staging threads found, in StagingJob.found: per dtype, some tensor
-# (_FOUND_F32 << dtype) and some grad that may alias (_FOUND_ALIAS_F32 <<
-# dtype); a parameter without grad; a tensor outside the steady state.
+# (_FOUND_ANY << dtype) and some grad that may alias (_FOUND_ALIAS << dtype);
+# a parameter without grad; a tensor outside the steady state.
 cdef enum:
-    _FOUND_F32 = 1
-    _FOUND_ALIAS_F32 = 4
-    _FOUND_NO_GRAD = 16
-    _FOUND_SLOW = 32
+    _FOUND_ANY = 1
+    _FOUND_ALIAS = 1 << FASTSGD_NDTYPES
+    _FOUND_NO_GRAD = 1 << (2 * FASTSGD_NDTYPES)
+    _FOUND_SLOW = 1 << (2 * FASTSGD_NDTYPES + 1)
 
 
 cdef void _stage_range(void *job_, int64_t begin, int64_t end) noexcept nogil:
@@ -145,26 +148,27 @@ cdef void _stage_range(void *job_, int64_t begin, int64_t end) noexcept nogil:
             found |= _FOUND_SLOW if size == _SLOW else _FOUND_NO_GRAD
             continue
         dtype = dtype_of(<array_ptr>param)
-        job.results[i] = 2 * size + dtype
+        job.results[i] = FASTSGD_NDTYPES * size + dtype
         put_entry(job, i, <array_ptr>param, grad, buf, size)
         job.buf_is_new[dtype][i] = False
         job.held[dtype][2 * i] = grad
         job.held[dtype][2 * i + 1] = NULL  # the plan holds the buffer
         hold_shared(grad)
-        found |= _FOUND_F32 << dtype
+        found |= _FOUND_ANY << dtype
         if may_alias(<array_ptr>grad, (<array_ptr>param).data,
                      &job.clean_grads[dtype][2 * i], job.owner_slots, job.owner_mask):
-            found |= _FOUND_ALIAS_F32 << dtype
+            found |= _FOUND_ALIAS << dtype
     or_shared(&job.found, found)
 
 
 cdef class GroupPlan:
 
     def __cinit__(self):
-        self.f32 = Batch()
-        self.f64 = Batch()
+        self.batches = tuple(Batch() for _ in range(FASTSGD_NDTYPES))
         self.owners = Owners()
         self.new_buffers = []
+        self.new_masters = []
+        self.master_arrays = []
 
     def __dealloc__(self):
         PyMem_Free(self.staged)
@@ -177,17 +181,29 @@ cdef class GroupPlan:
         self.hyper.nesterov = flag_option(options, "nesterov", group_index)
         self.hyper.maximize = flag_option(options, "maximize", group_index)
         self.with_momentum = self.hyper.momentum != 0.0
+        self.master_weights = flag_option(options, "master_weights", group_index) \
+            if "master_weights" in options else False
         return 0
 
+    cdef void clear_batches(self) noexcept:
+        cdef int d
+        for d in range(FASTSGD_NDTYPES):
+            self.batch(d).clear()
+
     cdef int reset(self, Py_ssize_t n) except -1:
-        self.f32.clear()
-        self.f64.clear()
-        if n > self.f32.capacity:
+        self.clear_batches()
+        if n > self.batch(0).capacity:
             self.staged = <int64_t *>grow(self.staged, n * sizeof(int64_t))
-        self.f32.reserve(n)
-        self.f64.reserve(n)
+        cdef int d
+        for d in range(FASTSGD_NDTYPES):
+            self.batch(d).reserve(n)
+            self.batch(d).with_masters = False
         if self.new_buffers:
             del self.new_buffers[:]
+        if self.new_masters:
+            del self.new_masters[:]
+        if self.master_arrays:
+            del self.master_arrays[:]
         return 0
 
     cdef int stage(self, Py_ssize_t index, object param, object grad, object buf,
@@ -195,6 +211,7 @@ cdef class GroupPlan:
         """Check one tensor and add it to the batch of its dtype."""
         cdef bint buf_is_new = False
         cdef Py_ssize_t size = -1
+        refresh_bfloat16()  # a first bfloat16 tensor: recognise it from now on
         if not self.with_momentum:
             buf = None
         elif buf is None and self.earlier_buffers is not None and param in self.earlier_buffers:
@@ -287,19 +304,21 @@ cdef class GroupPlan:
         if self.cross_dtype_alias >= 0:
             raise ValueError(
                 f"{where(group_index, self.cross_dtype_alias)}: shares memory with a "
-                f"parameter of the other dtype in its group; a step updates a group's "
-                f"float32 and float64 parameters in separate passes, so it cannot keep "
-                f"their order: put them in different groups or stop sharing the memory")
+                f"parameter of another dtype in its group; a step updates each dtype of a "
+                f"group (float32, float64, float16, bfloat16) in its own pass, so it cannot "
+                f"keep their order: put them in different groups or stop sharing the memory")
         # Staging reads the parameters from the cache's tuple (the list's
         # items, by cache_holds), not from the list: stage_slowly can run
         # Python code (a .grad property, a finalizer) that changes the list.
         cdef Py_ssize_t i, n = PyTuple_GET_SIZE(self.cached_params)
         self.reset(n)
+        if self.master_weights:
+            return self.stage_master_group(state, group_index)
         # A looked-up buffer is never in the steady state: staging threads
         # would hand such a group back every step.
         if (n >= 2 * MIN_TENSORS_PER_STAGING_THREAD and not self.looks_up_buffers
                 and self.stage_in_parallel(n)):
-            return 0
+            return self.check_alphas(group_index)
         cdef PyObject *param
         cdef PyObject *grad = NULL
         cdef PyObject *buf = NULL
@@ -314,7 +333,7 @@ cdef class GroupPlan:
                 self.batch_of(param).add(param, grad, buf, size, False, False)
             elif size == _SLOW:
                 self.stage_slowly(i, <object>param, state, group_index)
-        return 0
+        return self.check_alphas(group_index)
 
     cdef bint stage_in_parallel(self, Py_ssize_t n) except -1:
         """Stage a group whose every tensor is in the steady state on
@@ -327,35 +346,38 @@ cdef class GroupPlan:
         job.buffers = ((<PyListObject *>self.cached_buffers).ob_item if self.with_momentum
                        else NULL)
         job.results = self.staged
-        self.f32.lend_arrays(&job, FASTSGD_F32)
-        self.f64.lend_arrays(&job, FASTSGD_F64)
+        cdef int d
+        for d in range(FASTSGD_NDTYPES):
+            self.batch(d).lend_arrays(&job, d)
         job.owner_slots = self.owners.slots
         job.owner_mask = self.owners.mask
         job.found = 0
-        self.f32.sync_clean_grads(self.owners)
-        self.f64.sync_clean_grads(self.owners)
+        for d in range(FASTSGD_NDTYPES):
+            self.batch(d).sync_clean_grads(self.owners)
         if kernels.parallel_ranges(n, MIN_TENSORS_PER_STAGING_THREAD, _stage_range,
                                    &job) <= 1:
             return False
         cdef Batch batch
         cdef int64_t result
-        cdef int layout = job.found & ~(_FOUND_ALIAS_F32 | _FOUND_ALIAS_F32 << FASTSGD_F64)
-        if layout == _FOUND_F32 or layout == _FOUND_F32 << FASTSGD_F64:
+        cdef int layout = job.found & ~(_FOUND_ALIAS * ((1 << FASTSGD_NDTYPES) - 1))
+        cdef int only = -1  # the one dtype found, if one
+        for d in range(FASTSGD_NDTYPES):
+            if layout == _FOUND_ANY << d:
+                only = d
+        if only >= 0:
             # one dtype, no gaps: the entries are in place
-            batch = self.f32 if layout == _FOUND_F32 else self.f64
-            batch.count = n
+            self.batch(only).count = n
         else:
             # compacted per dtype, so that the held grads end up in
             # [0, count) of their batch, where clear() lets go of them
             for i in range(n):
                 result = self.staged[i]
                 if result >= 0:
-                    (self.f64 if result & 1 else self.f32).keep(i)
-        self.f32.grads_alias = (job.found & _FOUND_ALIAS_F32) != 0
-        self.f64.grads_alias = (job.found & (_FOUND_ALIAS_F32 << FASTSGD_F64)) != 0
+                    self.batch(result % FASTSGD_NDTYPES).keep(i)
+        for d in range(FASTSGD_NDTYPES):
+            self.batch(d).grads_alias = (job.found & (_FOUND_ALIAS << d)) != 0
         if job.found & _FOUND_SLOW:
-            self.f32.clear()
-            self.f64.clear()
+            self.clear_batches()
             return False
         _parallel_stagings += 1
         return True
@@ -396,36 +418,164 @@ cdef class GroupPlan:
                            buffers[i] if self.with_momentum else None, -1)
         return 0
 
-    cdef void run(self, bint roofline):
+    cdef void run(self, bint roofline, float inv_scale):
+        """Run every dtype's batch; inv_scale multiplies the grads of a
+        master-weights step (1 without GradScaler)."""
         cdef const fastsgd_impl *impl = kernels.kernel()
-        cdef fastsgd_tensor_list f32 = self.f32.as_list(self.with_momentum)
-        cdef fastsgd_tensor_list f64 = self.f64.as_list(self.with_momentum)
-        # A grad that is another tensor's parameter or buffer must be read
-        # after (or before) that tensor's update, in order, as torch does.
-        # (The roofline only measures: it runs as it finds its arrays.)
-        cdef bint serial32 = self.serial or (
-            not roofline and f32.ntensors > 0
-            and self.f32.grads_may_alias(self.owners, self.with_momentum, FASTSGD_F32))
-        cdef bint serial64 = self.serial or (
-            not roofline and f64.ntensors > 0
-            and self.f64.grads_may_alias(self.owners, self.with_momentum, FASTSGD_F64))
+        cdef fastsgd_tensor_list lists[FASTSGD_NDTYPES]
+        cdef bint serial[FASTSGD_NDTYPES]
+        cdef bint masters[FASTSGD_NDTYPES]
+        cdef int d
+        cdef Batch batch
+        for d in range(FASTSGD_NDTYPES):
+            batch = self.batch(d)
+            lists[d] = batch.as_list(self.with_momentum)
+            masters[d] = batch.with_masters
+            # A grad that is another tensor's parameter or buffer must be
+            # read after (or before) that tensor's update, in order, as torch
+            # does.  (The roofline only measures: it runs as it finds its arrays.)
+            serial[d] = self.serial or (
+                not roofline and lists[d].ntensors > 0
+                and batch.grads_may_alias(self.owners, self.with_momentum, d))
         with nogil:
-            if f32.ntensors:
+            for d in range(FASTSGD_NDTYPES):
+                if lists[d].ntensors == 0:
+                    continue
                 if roofline:
-                    kernels.stream(impl, FASTSGD_F32, &f32, serial32)
+                    kernels.stream(impl, d, &lists[d], serial[d])
+                elif masters[d]:
+                    kernels.sgd_master(impl, d, &self.hyper, &lists[d], inv_scale, serial[d])
                 else:
-                    kernels.sgd(impl, FASTSGD_F32, &self.hyper, &f32, serial32)
-            if f64.ntensors:
-                if roofline:
-                    kernels.stream(impl, FASTSGD_F64, &f64, serial64)
-                else:
-                    kernels.sgd(impl, FASTSGD_F64, &self.hyper, &f64, serial64)
+                    kernels.sgd(impl, d, &self.hyper, &lists[d], serial[d])
 
     cdef int commit(self, object state) except -1:
-        """Store the buffers this step created and let go of the arrays."""
-        self.f32.clear()
-        self.f64.clear()
+        """Store the buffers and masters this step created and let go of
+        the arrays."""
+        self.clear_batches()
         cdef Py_ssize_t i
         for i, buf in self.new_buffers:
             state[self.cached_params[i]]["momentum_buffer"] = buf
+        for i, master in self.new_masters:
+            state[self.cached_params[i]]["master_param"] = master
+        if self.master_arrays:
+            del self.master_arrays[:]
         return 0
+
+    # ---------------------------------------------- half precision (issue 14)
+
+    cdef int check_alphas(self, Py_ssize_t group_index) except -1:
+        """torch's overflow error for an alpha of a 16-bit tensor's step
+        (rules.pxd), for the alphas this step applies."""
+        cdef int d
+        cdef Py_ssize_t i
+        cdef Batch batch
+        cdef bint later_step
+        for d in (FASTSGD_F16, FASTSGD_BF16):
+            batch = self.batch(d)
+            if batch.count == 0:
+                continue
+            if self.hyper.weight_decay != 0.0:
+                check_alpha_fits(self.hyper.weight_decay, d, "weight_decay", group_index)
+            if self.with_momentum:
+                if self.hyper.nesterov:
+                    check_alpha_fits(self.hyper.momentum, d, "momentum", group_index)
+                later_step = False
+                for i in range(batch.count):
+                    later_step = later_step or not batch.buf_is_new[i]
+                if later_step:
+                    check_alpha_fits(1.0 - self.hyper.dampening, d, "dampening", group_index)
+            check_alpha_fits(self.hyper.neg_lr, d, "lr", group_index)
+        return 0
+
+    cdef int stage_master_group(self, object state, Py_ssize_t group_index) except -1:
+        """Stage a master-weights group, on the calling thread.  Its masters
+        and buffers are float32 arrays beside 16-bit params: which of them
+        share memory is decided afresh each step."""
+        cdef Py_ssize_t i, n = PyTuple_GET_SIZE(self.cached_params)
+        cdef dict pending = {}  # {param: (master, buf)} created for an earlier listing
+        for i in range(n):
+            self.stage_master(i, <object>PyTuple_GET_ITEM(self.cached_params, i), state,
+                              pending, group_index)
+        arrays = list(self.cached_params) + self.master_arrays[::2]
+        self.serial = _any_overlap(arrays)
+        self.owners.fill(arrays)
+        return 0
+
+    cdef int stage_master(self, Py_ssize_t i, object param, object state, dict pending,
+                          Py_ssize_t group_index) except -1:
+        """Check one master-weights tensor and add it to its dtype's batch,
+        with a new float32 master (and buffer) on its first step."""
+        if not isinstance(param, Parameter):
+            raise TypeError(f"{where(group_index, i)}: optimizer can only optimize "
+                            f"Parameters, but got {type(param).__name__}")
+        grad = grad_of(param)
+        if grad is None:
+            return 0
+        refresh_bfloat16()
+        master = buf = None
+        param_state = state.get(param)
+        if param_state is not None:
+            if not PyDict_Check(param_state):
+                raise TypeError(f"{where(group_index, i)}: optimizer.state of the parameter "
+                                f"must be a dict, but got {type(param_state).__name__}")
+            master = param_state.get("master_param")
+            if self.with_momentum:
+                buf = param_state.get("momentum_buffer")
+        cdef int flags = 0
+        if master is None or (self.with_momentum and buf is None):
+            earlier = pending.get(param)
+            if master is None:
+                if earlier is not None:
+                    master = earlier[0]
+                else:
+                    master = _float32_like(param)
+                    self.new_masters.append((i, master))
+                    flags |= FASTSGD_NEW_MASTER
+            if self.with_momentum and buf is None:
+                if earlier is not None and earlier[1] is not None:
+                    buf = earlier[1]
+                else:
+                    buf = _float32_like(param)
+                    self.new_buffers.append((i, buf))
+                    flags |= FASTSGD_NEW_BUF
+            pending[param] = (master, buf)
+        # Checked after the last Python code above could run, right before
+        # the batch takes the pointers.
+        cdef Py_ssize_t size = master_steps_as_is(
+            <PyObject *>param, <PyObject *>grad, <PyObject *>master,
+            <PyObject *>buf if buf is not None else NULL)
+        if size < 0:
+            explain_master_rejection(param, grad, master, buf, group_index, i)
+        cdef Batch batch = self.batch_of(<PyObject *>param)
+        batch.with_masters = True
+        batch.add_master(<PyObject *>param, <PyObject *>grad, <PyObject *>master,
+                         <PyObject *>buf if buf is not None else NULL, size, flags)
+        # held twice each for the step, as a batch holds a grad (batch.pxd)
+        self.master_arrays += [master, master]
+        if buf is not None:
+            self.master_arrays += [buf, buf]
+        return 0
+
+    cdef bint grads_finite(self):
+        """Whether every grad of the staged master-weights batches is finite
+        (GradScaler's check, before anything is written)."""
+        cdef const fastsgd_impl *impl = kernels.kernel()
+        cdef fastsgd_tensor_list lst
+        cdef int d
+        cdef bint finite = True
+        for d in (FASTSGD_F16, FASTSGD_BF16):
+            lst = self.batch(d).as_list(self.with_momentum)
+            if lst.ntensors:
+                with nogil:
+                    finite = kernels.grads_finite(impl, d, &lst, self.serial)
+                if not finite:
+                    return False
+        return True
+
+
+cdef object _float32_like(object param):
+    """An uninitialised float32 array of param's shape and memory order
+    (not np.empty_like: a subclass's __array_function__ could answer)."""
+    return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>param),
+                             cnp.PyArray_DIMS(<cnp.ndarray>param), cnp.NPY_FLOAT32,
+                             not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>param))

@@ -10,7 +10,7 @@ from libc.stdint cimport int64_t
 
 from fastsgd._native cimport kernels
 from fastsgd._native.batch cimport Batch, StagingJob, dtype_of, put_entry
-from fastsgd._native.kernels cimport FASTSGD_F32, FASTSGD_F64
+from fastsgd._native.kernels cimport FASTSGD_NDTYPES
 from fastsgd._native.objects cimport (GRAD_OFFSET, PyListObject, array_ptr, grad_slot,
                                       init_objects, size_of)
 from fastsgd._native.plan cimport MIN_TENSORS_PER_STAGING_THREAD, GroupPlan
@@ -32,15 +32,35 @@ cdef class Roofline:
     It checks nothing else, and reads on as many threads as a step stages
     on, so it is the least a step of Python arrays costs: the objects sit
     apart from the arrays and are read cold after a backward pass.  It needs
-    Parameters of one dtype whose grads stay the ones it was made with."""
+    Parameters of one dtype whose grads stay the ones it was made with.
+
+    With masters (float32 master copies of 16-bit Parameters, whose .grad
+    are the grads given), the roofline of a master-weights step: the 16-bit
+    grad read, master and buffer read and written, the 16-bit param written."""
     cdef GroupPlan plan
     cdef list params  # the batches point into them
     cdef list buffers  # None without momentum
     cdef Batch objects_batch  # the batch read_objects rewrites, else None
+    cdef dict master_state  # with masters: the state the plan found them in
 
-    def __init__(self, params, grads, momentum_buffers, read_objects=False):
+    def __init__(self, params, grads, momentum_buffers, read_objects=False, masters=None):
         self.params = list(params)
         self.plan = GroupPlan()
+        if masters is not None:
+            if read_objects or not all(type(p) is Parameter and p.grad is g
+                                       for p, g in zip(self.params, grads)):
+                raise ValueError("the master-weights roofline needs Parameters whose .grad "
+                                 "are the grads given, and does not read objects")
+            buffers = list(momentum_buffers) or [None] * len(self.params)
+            self.master_state = {p: {"master_param": m, "momentum_buffer": b}
+                                 for p, m, b in zip(self.params, masters, buffers)}
+            group = {"params": self.params, "lr": 0.0, "momentum": 0.0 if buffers[0] is None
+                     else 1.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False,
+                     "maximize": False, "differentiable": False, "master_weights": True}
+            self.plan.prepare_group(group, self.master_state, None, 0)
+            if self.plan.new_buffers or self.plan.new_masters:
+                raise ValueError("the roofline needs existing masters and momentum buffers")
+            return
         options = {"lr": 0.0, "momentum": 1.0 if momentum_buffers else 0.0,
                    "dampening": 0.0, "weight_decay": 0.0, "nesterov": False,
                    "maximize": False}
@@ -56,12 +76,13 @@ cdef class Roofline:
             raise ValueError("reading objects needs Parameters of one dtype whose .grad "
                              "are the grads given")
         self.buffers = list(momentum_buffers) or None
-        self.objects_batch = self.plan.f64 if self.plan.f64.count else self.plan.f32
+        dtypes = [d for d in range(FASTSGD_NDTYPES) if self.plan.batch(d).count]
+        self.objects_batch = self.plan.batch(dtypes[0] if dtypes else 0)
 
     def __call__(self):
         if self.objects_batch is not None:
             self.read_objects()
-        self.plan.run(True)
+        self.plan.run(True, 1.0)
 
     cdef int read_objects(self) except -1:
         cdef Batch batch = self.objects_batch
@@ -69,7 +90,10 @@ cdef class Roofline:
         job.params = (<PyListObject *>self.params).ob_item
         job.buffers = NULL if self.buffers is None else (<PyListObject *>self.buffers).ob_item
         job.results = self.plan.staged
-        batch.lend_arrays(&job, FASTSGD_F64 if batch is self.plan.f64 else FASTSGD_F32)
+        cdef int d
+        for d in range(FASTSGD_NDTYPES):
+            if self.plan.batch(d) is batch:
+                batch.lend_arrays(&job, d)
         cdef Py_ssize_t i, n = batch.count
         # on as many threads as a step would stage these tensors on
         if kernels.parallel_ranges(n, MIN_TENSORS_PER_STAGING_THREAD, _read_objects,

@@ -10,7 +10,9 @@ from cpython.dict cimport PyDict_GetItemWithError
 from cpython.long cimport PyLong_AsDouble
 from cpython.object cimport PyObject
 
-from fastsgd._native.objects cimport DENSE, NPY_OPPBYTE, array_ptr, is_array, itemsize, size_of
+from fastsgd._native.kernels cimport FASTSGD_BF16, FASTSGD_F16, FASTSGD_F32
+from fastsgd._native.objects cimport (DENSE, NPY_OPPBYTE, array_ptr, is_array, itemsize,
+                                      kernel_dtype, refresh_bfloat16, size_of)
 
 
 cdef inline str where(Py_ssize_t group_index, Py_ssize_t index):
@@ -66,15 +68,16 @@ cdef inline bint flag_option(dict options, str key, Py_ssize_t group_index) exce
 
 # ------------------------------------------------------------------- arrays
 
-# Rule: an array the kernel reads or writes is a float32 or float64 numpy
-# array, aligned, in native byte order, and writeable if written.
+# Rule: an array the kernel reads or writes is a float32, float64, float16
+# or bfloat16 numpy array, aligned, in native byte order, and writeable if
+# written.
 cdef inline bint is_float_array(PyObject *x, bint must_write) noexcept nogil:
     if not is_array(x):
         return False
     cdef array_ptr a = <array_ptr>x
     cdef int need = cnp.NPY_ARRAY_ALIGNED | (cnp.NPY_ARRAY_WRITEABLE if must_write else 0)
-    return ((a.descr.type_num == cnp.NPY_FLOAT32 or a.descr.type_num == cnp.NPY_FLOAT64)
-            and (a.flags & need) == need and a.descr.byteorder != NPY_OPPBYTE)
+    return (kernel_dtype(a) >= 0 and (a.flags & need) == need
+            and a.descr.byteorder != NPY_OPPBYTE)
 
 
 cdef inline int check_float_array(object x, str what, Py_ssize_t group_index,
@@ -83,10 +86,10 @@ cdef inline int check_float_array(object x, str what, Py_ssize_t group_index,
         raise TypeError(f"{where(group_index, index)}: {what} must be a numpy array, "
                         f"but got {type(x).__name__}")
     cdef cnp.ndarray arr = <cnp.ndarray>x
-    cdef int typenum = cnp.PyArray_TYPE(arr)
-    if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
-        raise TypeError(f"{where(group_index, index)}: {what} must be float32 or "
-                        f"float64, but got {arr.dtype}")
+    refresh_bfloat16()
+    if kernel_dtype(<array_ptr>arr) < 0:
+        raise TypeError(f"{where(group_index, index)}: {what} must be float32, float64, "
+                        f"float16 or bfloat16, but got {arr.dtype}")
     if not cnp.PyArray_ISNOTSWAPPED(arr) or not cnp.PyArray_ISALIGNED(arr):
         raise ValueError(f"{where(group_index, index)}: {what} must be aligned and in "
                          f"native byte order")
@@ -181,6 +184,13 @@ cdef inline Py_ssize_t steps_as_is(PyObject *param, PyObject *grad,
 cdef inline int explain_rejection(object param, object grad, object buf,
                                   Py_ssize_t group_index, Py_ssize_t index) except -1:
     """Raise the error that says which rule param, grad or buf breaks."""
+    check_tensor(param, grad, buf, group_index, index)
+    raise AssertionError(f"{where(group_index, index)}: rejected by no rule")
+
+
+cdef inline int check_tensor(object param, object grad, object buf,
+                             Py_ssize_t group_index, Py_ssize_t index) except -1:
+    """Raise the error of the first rule param, grad or buf breaks, if any."""
     check_float_array(param, "parameter", group_index, index, True)
     cdef cnp.ndarray p = <cnp.ndarray>param
     if not (cnp.PyArray_IS_C_CONTIGUOUS(p) or cnp.PyArray_IS_F_CONTIGUOUS(p)):
@@ -196,4 +206,108 @@ cdef inline int explain_rejection(object param, object grad, object buf,
         if not (disjoint(p, <cnp.ndarray>buf) and disjoint(<cnp.ndarray>grad, <cnp.ndarray>buf)):
             raise ValueError(f"{where(group_index, index)}: momentum_buffer shares "
                              f"memory with the parameter or its grad")
-    raise AssertionError(f"{where(group_index, index)}: rejected by no rule")
+    return 0
+
+
+# ------------------------------------------------- half precision (issue 14)
+
+# Rule: torch rounds every alpha of an op on a 16-bit tensor to its dtype
+# (Scalar.to<Half>() / to<BFloat16>()) and refuses a finite value beyond the
+# dtype's range; fastsgd refuses it before writing anything.
+cdef inline int check_alpha_fits(double value, int dtype, str key,
+                                 Py_ssize_t group_index) except -1:
+    cdef double largest = 65504.0 if dtype == FASTSGD_F16 else 3.3895313892515355e38
+    if value == value and value - value == 0.0 and (value > largest or value < -largest):
+        raise RuntimeError(f"{where_option(group_index, key)}: value cannot be converted to "
+                           f"type {'c10::Half' if dtype == FASTSGD_F16 else 'c10::BFloat16'} "
+                           f"without overflow")
+    return 0
+
+
+# Rule: with master weights, a parameter is float16 or bfloat16, and its
+# master copy and momentum buffer are float32 arrays of its shape and memory
+# order, sharing memory with nothing the step touches.
+cdef inline bint is_master_like(array_ptr p, PyObject *x) noexcept nogil:
+    if not is_float_array(x, True):
+        return False
+    cdef array_ptr a = <array_ptr>x
+    if kernel_dtype(a) != FASTSGD_F32 or a.nd != p.nd:
+        return False
+    cdef int d
+    for d in range(p.nd):
+        if a.dimensions[d] != p.dimensions[d]:
+            return False
+    return (a.flags & p.flags & DENSE) != 0
+
+
+cdef inline int check_master_like(cnp.ndarray param, object x, str what, Py_ssize_t group_index,
+                                  Py_ssize_t index) except -1:
+    if not cnp.PyArray_Check(x):
+        raise TypeError(f"{where(group_index, index)}: {what} must be a numpy array, "
+                        f"but got {type(x).__name__}")
+    if cnp.PyArray_TYPE(<cnp.ndarray>x) != cnp.NPY_FLOAT32:
+        raise TypeError(f"{where(group_index, index)}: {what} must be float32 with master "
+                        f"weights, but got {(<cnp.ndarray>x).dtype}")
+    check_float_array(x, what, group_index, index, True)
+    if (<object>x).shape != (<object>param).shape:
+        raise ValueError(f"{where(group_index, index)}: {what} has shape {(<object>x).shape}, "
+                         f"but the parameter has shape {(<object>param).shape}")
+    if not ((cnp.PyArray_IS_C_CONTIGUOUS(param) and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>x))
+            or (cnp.PyArray_IS_F_CONTIGUOUS(param)
+                and cnp.PyArray_IS_F_CONTIGUOUS(<cnp.ndarray>x))):
+        raise ValueError(f"{where(group_index, index)}: {what} must be contiguous in "
+                         f"the same order as the parameter (C or Fortran)")
+    return 0
+
+
+cdef inline bint span_apart(array_ptr a, Py_ssize_t na, array_ptr b,
+                            Py_ssize_t nb) noexcept nogil:
+    return na == 0 or nb == 0 or a.data + na <= b.data or b.data + nb <= a.data
+
+
+cdef inline bint master_apart(array_ptr p, array_ptr g, array_ptr master,
+                              array_ptr buf) noexcept nogil:
+    """No two of a master-weights tensor's arrays share memory (buf may be
+    NULL)."""
+    cdef Py_ssize_t n16 = size_of(p) * 2, n32 = size_of(p) * 4
+    cdef bint ok = (g.data == p.data or apart(p, g, n16)) and span_apart(p, n16, master, n32) \
+        and span_apart(g, n16, master, n32)
+    if buf != NULL:
+        ok = ok and span_apart(p, n16, buf, n32) and span_apart(g, n16, buf, n32) \
+            and apart(master, buf, n32)
+    return ok
+
+
+cdef inline Py_ssize_t master_steps_as_is(PyObject *param, PyObject *grad, PyObject *master,
+                                          PyObject *buf) noexcept nogil:
+    """The number of elements of param when a master-weights tensor passes
+    every rule (buf NULL without momentum), else -1."""
+    if not is_float_array(param, True):
+        return -1
+    cdef array_ptr p = <array_ptr>param
+    cdef int dtype = kernel_dtype(p)
+    if (dtype != FASTSGD_F16 and dtype != FASTSGD_BF16) or not (p.flags & DENSE):
+        return -1
+    if not is_like(p, grad, False) or not is_master_like(p, master):
+        return -1
+    if buf != NULL and not is_master_like(p, buf):
+        return -1
+    if not master_apart(p, <array_ptr>grad, <array_ptr>master, <array_ptr>buf):
+        return -1
+    return size_of(p)
+
+
+cdef inline int explain_master_rejection(object param, object grad, object master, object buf,
+                                         Py_ssize_t group_index, Py_ssize_t index) except -1:
+    """Raise the error that says which rule a master-weights tensor breaks."""
+    check_float_array(param, "parameter", group_index, index, True)
+    cdef cnp.ndarray p = <cnp.ndarray>param
+    if kernel_dtype(<array_ptr>p) not in (FASTSGD_F16, FASTSGD_BF16):
+        raise TypeError(f"{where(group_index, index)}: master_weights=True needs float16 or "
+                        f"bfloat16 parameters, but got {p.dtype}")
+    check_tensor(param, grad, None, group_index, index)
+    check_master_like(p, master, "master_param", group_index, index)
+    if buf is not None:
+        check_master_like(p, buf, "momentum_buffer", group_index, index)
+    raise ValueError(f"{where(group_index, index)}: master_param or momentum_buffer shares "
+                     f"memory with the parameter, its grad or each other")

@@ -32,15 +32,24 @@ cdef class SGDStepper:
         if self.lock != NULL:
             PyThread_free_lock(self.lock)
 
-    def step(self, list param_groups, object state):
-        """Validate every group, then update every group."""
-        self._locked(param_groups, state, True)
+    def step(self, list param_groups, object state, inv_scale=None):
+        """Validate every group, then update every group.  With inv_scale
+        (GradScaler's inverse scale; every group has master weights), every
+        grad is first checked: if one is inf or NaN, nothing is written, no
+        state created, and False returned; else the grads are multiplied by
+        inv_scale within the step."""
+        if inv_scale is None:
+            return self._locked(param_groups, state, True, False, 1.0) == 1
+        return self._locked(param_groups, state, True, True, inv_scale) == 1
 
     def validate(self, list param_groups, object state):
         """Raise what step() would raise, writing nothing."""
-        self._locked(param_groups, state, False)
+        self._locked(param_groups, state, False, False, 1.0)
 
-    cdef int _locked(self, list param_groups, object state, bint run) except -1:
+    cdef int _locked(self, list param_groups, object state, bint run, bint check_finite,
+                     float inv_scale) except -1:
+        """1 if the groups were stepped, 0 if not (not run, or a grad not
+        finite)."""
         if not PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
             # Python code that a step runs (a .grad property, an option's
             # __float__) stepping the same optimizer would wait for itself.
@@ -51,16 +60,20 @@ cdef class SGDStepper:
         self.holder = PyThread_get_thread_ident()
         try:
             self._prepare_all(param_groups, state)
+            if check_finite:
+                for plan in self.plans:
+                    if not (<GroupPlan>plan).grads_finite():
+                        run = False
             for plan in self.plans:
                 if run:
-                    (<GroupPlan>plan).run(False)
+                    (<GroupPlan>plan).run(False, inv_scale)
                     (<GroupPlan>plan).commit(state)
                 else:
                     (<GroupPlan>plan).reset(0)
         finally:
             self.holder = 0
             PyThread_release_lock(self.lock)
-        return 0
+        return 1 if run else 0
 
     cdef int _prepare_all(self, list param_groups, object state) except -1:
         cdef Py_ssize_t g, n = len(param_groups)
@@ -103,7 +116,6 @@ def sgd(params, grads, momentum_buffers, dict options):
     cdef GroupPlan plan = GroupPlan()
     params = list(params)  # one hold on the params; the plan's arrays_held is the other
     plan.prepare_lists(params, list(grads), list(momentum_buffers), options)
-    plan.run(False)
-    plan.f32.clear()
-    plan.f64.clear()
+    plan.run(False, 1.0)
+    plan.clear_batches()
     return plan.new_buffers

@@ -1,0 +1,169 @@
+/* The loops of one 16-bit dtype for one implementation, included twice by
+ * sgd_instantiate.h (float16, bfloat16) with HALF_NAME, HALF_WIDEN(x),
+ * HALF_ROUND_BODY(f) and HALF_ROUND_TAIL(f) (the roundings of torch's vector
+ * body and scalar remainder, half_convert.h), HALF_NONFINITE(x), and, with
+ * IMPL_VEC16, the vector lanes VEC_* (half_simd.h).
+ *
+ * Every op widens its operands to float32, computes, and rounds to the
+ * dtype, as torch does; each step keeps its values in the dtype, so that a
+ * copy (the first momentum buffer) keeps the bits.  In the vector body
+ * x.add(y, alpha=a) is one float32 fused multiply-add; in the scalar
+ * remainder the product is rounded to the dtype before the sum; a negation
+ * there goes through float32. */
+#define HALF_FN(kind) IMPL_CAT(IMPL_CAT(kind, HALF_NAME), IMPL_CAT(_, IMPL_NAME))
+
+/* Lanes of 16-bit values: the element types and loads of every step below */
+#define STEP_P uint16_t
+#define STEP_G uint16_t
+
+/* torch's scalar code: every element at ATEN_CPU_CAPABILITY=default, else
+ * the last n % 32 of a tensor */
+#define STEP_FN HALF_FN(step_tail_)
+#define STEP_S uint16_t
+#define STEP_A float
+#define STEP_LOAD(ptr, i) ((ptr)[i])
+#define STEP_STORE(ptr, i, v) ((ptr)[i] = (v))
+#define STEP_LOAD_GRAD(ptr, i, inv_scale) ((ptr)[i])
+#define STEP_NEGATE(x) HALF_ROUND_TAIL(-HALF_WIDEN(x))
+#define STEP_MADD(a, k, c) \
+    HALF_ROUND_TAIL(HALF_WIDEN(c) + HALF_WIDEN(HALF_ROUND_TAIL(HALF_WIDEN(a) * (k))))
+#define STEP_MUL(x, k) HALF_ROUND_TAIL(HALF_WIDEN(x) * (k))
+#define STEP_STORE_OUT(out, i, v) ((void)0)
+#include "sgd_step.h"
+
+#if IMPL_FUSED16
+/* torch's vector body, one element at a time */
+#define STEP_FN HALF_FN(step_body_)
+#define STEP_S uint16_t
+#define STEP_A float
+#define STEP_LOAD(ptr, i) ((ptr)[i])
+#define STEP_STORE(ptr, i, v) ((ptr)[i] = (v))
+#define STEP_LOAD_GRAD(ptr, i, inv_scale) ((ptr)[i])
+#define STEP_NEGATE(x) ((uint16_t)((x) ^ 0x8000u))
+#define STEP_MADD(a, k, c) HALF_ROUND_BODY(IMPL_MADD_F32(HALF_WIDEN(a), (k), HALF_WIDEN(c)))
+#define STEP_MUL(x, k) HALF_ROUND_BODY(HALF_WIDEN(x) * (k))
+#define STEP_STORE_OUT(out, i, v) ((void)0)
+#include "sgd_step.h"
+#define SGD_STEP HALF_FN(step_body_)
+#define SGD_STEP_TAIL HALF_FN(step_tail_)
+#define HALF_ROUND_COPY HALF_ROUND_BODY
+#else
+#define SGD_STEP HALF_FN(step_tail_)
+#define HALF_ROUND_COPY HALF_ROUND_TAIL
+#endif
+
+#if IMPL_VEC16
+/* torch's vector body, VEC_WIDTH elements at a time */
+#define STEP_FN HALF_FN(step_vec_)
+#define STEP_S VEC_H
+#define STEP_A VEC_F
+#define STEP_LOAD(ptr, i) VEC_HLOAD((ptr) + (i))
+#define STEP_STORE(ptr, i, v) VEC_HSTORE((ptr) + (i), (v))
+#define STEP_LOAD_GRAD(ptr, i, inv_scale) VEC_HLOAD((ptr) + (i))
+#define STEP_NEGATE(x) VEC_HNEGATE(x)
+#define STEP_MADD(a, k, c) VEC_ROUND(VEC_FMA(VEC_WIDEN(a), (k), VEC_WIDEN(c)))
+#define STEP_MUL(x, k) VEC_ROUND(VEC_MUL(VEC_WIDEN(x), (k)))
+#define STEP_STORE_OUT(out, i, v) ((void)0)
+#include "sgd_step.h"
+#define SGD_VEC_STEP HALF_FN(step_vec_)
+#define SGD_VEC_WIDTH VEC_WIDTH
+#define SGD_VEC_A VEC_F
+#define SGD_VEC_SPLAT VEC_SPLAT
+#endif
+#undef STEP_P
+#undef STEP_G
+
+#define SGD_T uint16_t
+#define SGD_C float
+#define SGD_A float
+#define SGD_FN HALF_FN(sgd_)
+#define SGD_ALPHA(x) HALF_WIDEN(HALF_ROUND_TAIL((float)(x)))
+#define SGD_MULTIPLIER(x) ((float)(x))
+#define SGD_WIDEN(x) HALF_WIDEN(x)
+#define SGD_ROUND(f) HALF_ROUND_COPY(f)
+#define SGD_BOUND(x) HALF_WIDEN(HALF_ROUND_TAIL((float)(x)))
+#define SGD_NONFINITE HALF_NONFINITE
+#define NORM_FN HALF_FN(norm_)
+#define SCALE_FN HALF_FN(scale_)
+#define CLAMP_FN HALF_FN(clamp_)
+#define UNSCALE_FN HALF_FN(unscale_)
+#define FINITE_FN HALF_FN(finite_)
+#include "sgd_loop.h"
+#include "clip_loop.h"
+#undef SGD_STEP
+#undef SGD_STEP_TAIL
+#undef SGD_VEC_STEP
+#undef SGD_VEC_WIDTH
+#undef SGD_VEC_A
+#undef SGD_VEC_SPLAT
+#undef SGD_T
+#undef SGD_C
+#undef SGD_A
+#undef SGD_FN
+#undef SGD_ALPHA
+#undef SGD_MULTIPLIER
+#undef SGD_WIDEN
+#undef SGD_ROUND
+#undef SGD_BOUND
+#undef SGD_NONFINITE
+#undef NORM_FN
+#undef SCALE_FN
+#undef CLAMP_FN
+#undef UNSCALE_FN
+#undef FINITE_FN
+
+/* Master weights: float32 params and buffers, 16-bit grads and output,
+ * float32's rules (the float32 kernel's multiply-add) */
+#define STEP_P float
+#define STEP_G uint16_t
+#define STEP_FN HALF_FN(master_step_)
+#define STEP_S float
+#define STEP_A float
+#define STEP_LOAD(ptr, i) ((ptr)[i])
+#define STEP_STORE(ptr, i, v) ((ptr)[i] = (v))
+#define STEP_LOAD_GRAD(ptr, i, inv_scale) (HALF_WIDEN((ptr)[i]) * (inv_scale))
+#define STEP_NEGATE(x) fastsgd_negate_f32(x)
+#define STEP_MADD IMPL_MADD_F32
+#define STEP_MUL(x, k) ((x) * (k))
+#define STEP_STORE_OUT(out, i, v) ((out)[i] = HALF_ROUND_COPY(v))
+#include "sgd_step.h"
+#define MASTER_STEP HALF_FN(master_step_)
+#if IMPL_VEC16
+#define STEP_FN HALF_FN(master_step_vec_)
+#define STEP_S VEC_F
+#define STEP_A VEC_F
+#define STEP_LOAD(ptr, i) VEC_FLOAD((ptr) + (i))
+#define STEP_STORE(ptr, i, v) VEC_FSTORE((ptr) + (i), (v))
+#define STEP_LOAD_GRAD(ptr, i, inv_scale) VEC_MUL(VEC_WIDEN(VEC_HLOAD((ptr) + (i))), (inv_scale))
+#define STEP_NEGATE(x) VEC_FNEGATE(x)
+#define STEP_MADD VEC_FMA
+#define STEP_MUL VEC_MUL
+#define STEP_STORE_OUT(out, i, v) VEC_HSTORE((out) + (i), VEC_ROUND(v))
+#include "sgd_step.h"
+#define MASTER_VEC_STEP HALF_FN(master_step_vec_)
+#define MASTER_VEC_WIDTH VEC_WIDTH
+#define MASTER_VEC_A VEC_F
+#define MASTER_VEC_SPLAT VEC_SPLAT
+#endif
+#undef STEP_P
+#undef STEP_G
+#define MASTER_FN HALF_FN(master_)
+#define MASTER_WIDEN HALF_WIDEN
+#include "master_loop.h"
+#undef MASTER_FN
+#undef MASTER_WIDEN
+#undef MASTER_STEP
+#undef MASTER_VEC_STEP
+#undef MASTER_VEC_WIDTH
+#undef MASTER_VEC_A
+#undef MASTER_VEC_SPLAT
+
+#undef HALF_ROUND_COPY
+#undef HALF_FN
+#undef HALF_NAME
+#undef HALF_WIDEN
+#undef HALF_ROUND_BODY
+#undef HALF_ROUND_TAIL
+#undef HALF_NONFINITE
+#undef VEC_WIDEN
+#undef VEC_ROUND

@@ -1,0 +1,81 @@
+/* One SGD step of one lane -- an element, or a vector of elements -- in the
+ * op order of torch's _single_tensor_sgd, so that every rounding happens
+ * where torch's happens:
+ *   d = maximize ? -g : g
+ *   d = d.add(p, alpha=wd)                        if wd != 0
+ *   b = d.clone()                                 first step
+ *   b = b.mul_(m).add_(d, alpha=1 - dampening)    later steps
+ *   d = nesterov ? d.add(b, alpha=m) : b          if m != 0
+ *   p = p.add_(d, alpha=-lr)                      (-lr from the caller)
+ * Written once; included once per set of lane operations (a dtype, an
+ * instruction set, torch's vector body or its scalar remainder).  Before
+ * including, define:
+ *   STEP_FN              the function to define
+ *   STEP_TARGET          its instruction set attribute (may be empty)
+ *   STEP_P, STEP_G       element types of params and buffers, and of grads
+ *   STEP_S               a lane of values as the ops pass them on
+ *   STEP_A               an alpha or multiplier of such a lane
+ *   STEP_LOAD(ptr, i), STEP_STORE(ptr, i, v)  the param or buffer lane at i
+ *   STEP_LOAD_GRAD(ptr, i, inv_scale)         the grad lane (master weights
+ *                        widen it and multiply it by GradScaler's inverse scale)
+ *   STEP_NEGATE(x)       -x, the sign flipped as torch's neg does
+ *   STEP_MADD(a, k, c)   c.add(a, alpha=k), rounded as the lane's code path does
+ *   STEP_MUL(x, k)       x.mul_(k)
+ *   STEP_STORE_OUT(out, i, v)  master weights: the 16-bit parameter from the
+ *                        new float32 master v; otherwise nothing */
+
+static inline __attribute__((always_inline)) STEP_TARGET void
+STEP_FN(STEP_P *restrict p, const STEP_G *restrict g, STEP_P *restrict b,
+        uint16_t *restrict out, const int64_t i, const int maximize, const int use_wd,
+        const int use_momentum, const int first_step, const int nesterov, const STEP_A wd,
+        const STEP_A m, const STEP_A m_alpha, const STEP_A omd, const STEP_A neg_lr,
+        const STEP_A inv_scale)
+{
+    (void)out, (void)inv_scale, (void)m_alpha;
+    STEP_S d = STEP_LOAD_GRAD(g, i, inv_scale);
+    if (maximize)
+        d = STEP_NEGATE(d);
+    if (use_wd)
+        d = STEP_MADD(STEP_LOAD(p, i), wd, d);
+    if (use_momentum) {
+        STEP_S buf;
+        if (first_step)
+            buf = d;
+        else
+            buf = STEP_MADD(d, omd, STEP_MUL(STEP_LOAD(b, i), m));
+        STEP_STORE(b, i, buf);
+        d = nesterov ? STEP_MADD(buf, m_alpha, d) : buf;
+    }
+    const STEP_S new_p = STEP_MADD(d, neg_lr, STEP_LOAD(p, i));
+    STEP_STORE(p, i, new_p);
+    STEP_STORE_OUT(out, i, new_p);
+}
+
+#undef STEP_FN
+#undef STEP_S
+#undef STEP_A
+#undef STEP_LOAD
+#undef STEP_STORE
+#undef STEP_LOAD_GRAD
+#undef STEP_NEGATE
+#undef STEP_MADD
+#undef STEP_MUL
+#undef STEP_STORE_OUT
+
+#ifndef STEP_DISPATCH
+/* Literal flags make the compiler emit one branch-free loop per option
+ * combination instead of testing the options per element: RUN(WD, MOM,
+ * FIRST, NEST) is called with the combination of these options. */
+#define STEP_DISPATCH(momentum, first, use_wd, nesterov, RUN)                                 \
+    do {                                                                                        \
+        if ((momentum) == 0.0) {                                                                \
+            if (use_wd) RUN(1, 0, 0, 0); else RUN(0, 0, 0, 0);                                  \
+        } else if (first) {                                                                     \
+            if (use_wd) { if (nesterov) RUN(1, 1, 1, 1); else RUN(1, 1, 1, 0); }                \
+            else        { if (nesterov) RUN(0, 1, 1, 1); else RUN(0, 1, 1, 0); }                \
+        } else {                                                                                \
+            if (use_wd) { if (nesterov) RUN(1, 1, 0, 1); else RUN(1, 1, 0, 0); }                \
+            else        { if (nesterov) RUN(0, 1, 0, 1); else RUN(0, 1, 0, 0); }                \
+        }                                                                                       \
+    } while (0)
+#endif
