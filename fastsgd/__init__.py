@@ -9,7 +9,7 @@ to each other.  Steps use up to get_num_threads() OpenMP threads.
 """
 import os as _os
 
-from . import functional, lr_scheduler, reference
+from . import amp, functional, lr_scheduler, reference
 from ._native import (
     available_capabilities,
     cpu_capability,
@@ -35,6 +35,7 @@ __all__ = [
     "Optimizer",
     "Parameter",
     "SGD",
+    "amp",
     "available_capabilities",
     "clip_grad_norm_",
     "clip_grad_value_",

@@ -10,6 +10,23 @@ where torch's rounds:
   ``ATEN_CPU_CAPABILITY=default`` it is a multiply and an add (rounded twice);
 * ``buf.mul_(m)`` is a plain multiply, rounded on its own.
 
+float16 and bfloat16 arrays (``Half16``): every op computes in float32 and
+rounds its result to the dtype, to nearest even.  ``x.add(y, alpha=a)``
+takes ``a`` rounded to the dtype (double -> float32 -> dtype); ``buf.mul_(m)``
+takes ``m`` as a float32.  torch's AVX2/AVX-512 kernels compute each tensor
+in a vector body and its last ``n % 32`` elements in scalar code, which
+differ: the body fuses the multiply-add, the scalar code rounds the product
+to the dtype first; the body gives a bfloat16 NaN the bits 0xFFFF, the
+scalar code 0x7FC0; a float16 NaN keeps its sign and payload, quieted.  At
+``ATEN_CPU_CAPABILITY=default`` every element takes the scalar code, where
+a float16 NaN becomes sign | 0x7E00.
+
+Master weights (``masters``): the 16-bit grad, widened to float32 (and
+multiplied by GradScaler's float32 inverse scale), steps the float32 master
+with float32's rules; the parameter is the master rounded to its dtype as
+torch's float32-to-16-bit copy rounds (the vector body's NaN rule, or at
+default the scalar code's, for every element).
+
 numpy has no fused multiply-add, so ``madd`` builds one from error-free
 transformations and rounding to odd (Boldo & Melquiond, "Emulation of FMA
 and correctly rounded sums: proved algorithms using rounding to odd", IEEE
@@ -20,9 +37,10 @@ for a product that overflows only in the unfused evaluation).
 import numpy as np
 
 from ._native import cpu_capability
+from .parameter import is_bfloat16
 from .sgd import SGD as _NativeSGD
 
-__all__ = ["madd", "rank_ordered_mean", "sgd", "SGD"]
+__all__ = ["Half16", "madd", "rank_ordered_mean", "sgd", "SGD"]
 
 
 def _two_sum(a, b):
@@ -104,29 +122,131 @@ def rank_ordered_mean(grads):
     return np.true_divide(total, total.dtype.type(len(grads)), out=total)
 
 
+class Float:
+    """The ops of torch's for-loop SGD on a float32 or float64 array."""
+
+    def __init__(self, dtype, fma):
+        self.t = np.dtype(dtype).type
+        self.fma = fma
+
+    def neg(self, x):
+        return -x
+
+    def add(self, x, y, alpha):
+        """x.add(y, alpha=alpha)"""
+        return madd(y, self.t(alpha), x, self.fma)
+
+    def mul(self, x, m):
+        """x.mul(m)"""
+        return x * self.t(m)
+
+
+class Half16:
+    """The ops of torch's for-loop SGD on a float16 or bfloat16 array of n
+    elements (see the module's docstring): float32 arithmetic, then a
+    rounding to the dtype, per op.  ``vectorized``: torch's AVX2/AVX-512
+    kernels (the vector body, then the scalar code on the last n % 32
+    elements); else ATEN_CPU_CAPABILITY=default (scalar code only)."""
+
+    CHUNK = 32
+
+    def __init__(self, dtype, n, vectorized):
+        self.dtype = np.dtype(dtype)
+        self.vectorized = vectorized
+        self.scalar = np.arange(n) >= (n - n % self.CHUNK if vectorized else 0)
+
+    def widen(self, x):
+        """Exactly, to float32."""
+        bits = np.asarray(x).view(np.uint16)
+        if is_bfloat16(self.dtype):
+            return (bits.astype(np.uint32) << 16).view(np.float32)
+        return bits.view(np.float16).astype(np.float32)
+
+    def round(self, x, scalar=None):
+        """float32 x to the dtype, to nearest even, with the NaN bits of
+        torch's scalar code where `scalar` (default: self.scalar), else of
+        its vector body."""
+        scalar = self.scalar if scalar is None else scalar
+        x = np.asarray(x, np.float32)
+        u = x.view(np.uint32)
+        sign = ((u >> 16) & 0x8000).astype(np.uint16)
+        if is_bfloat16(self.dtype):
+            bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+            nan_bits = np.where(scalar, np.uint16(0x7FC0), np.uint16(0xFFFF))
+        else:
+            with np.errstate(over="ignore"):
+                bits = x.astype(np.float16).view(np.uint16)
+            payload = ((u >> 13) & 0x3FF).astype(np.uint16)
+            quieted = sign | np.uint16(0x7E00) | payload   # F16C's VCVTPS2PH
+            nan_bits = np.where(scalar & (not self.vectorized), sign | np.uint16(0x7E00), quieted)
+        return np.where(np.isnan(x), nan_bits, bits).view(self.dtype)
+
+    def alpha(self, a):
+        """A Python float as torch's Scalar alpha: double -> float32 -> dtype."""
+        return self.widen(self.round(np.float32(a), scalar=True))
+
+    def neg(self, x):
+        """-x: the sign bit flipped in the vector body, through float32 in
+        the scalar code."""
+        flipped = (np.asarray(x).view(np.uint16) ^ np.uint16(0x8000)).view(self.dtype)
+        return np.where(self.scalar, self.round(-self.widen(x)), flipped)
+
+    def add(self, x, y, alpha):
+        """x.add(y, alpha=alpha): one fused multiply-add in the vector body;
+        in the scalar code the product is rounded to the dtype first."""
+        a = self.alpha(alpha)
+        with np.errstate(all="ignore"):
+            fused = self.round(madd(self.widen(y), a, self.widen(x)))
+            product = self.widen(self.round(self.widen(y) * a))
+            separate = self.round(self.widen(x) + product)
+        return np.where(self.scalar, separate, fused)
+
+    def mul(self, x, m):
+        """x.mul(m), m a float32 (not rounded to the dtype)."""
+        with np.errstate(all="ignore"):
+            return self.round(self.widen(x) * np.float32(m))
+
+
 def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay,
-        nesterov, maximize, fma=True):
+        nesterov, maximize, fma=True, masters=None, inv_scale=None):
     """One SGD step of torch's for-loop path, in place, in numpy.
 
     ``grads[i]`` None skips ``params[i]``; ``momentum_buffers[i]`` None is a
-    first step and is replaced by the new buffer.
+    first step and is replaced by the new buffer.  ``fma``: torch's
+    vectorised rounding (AVX2/AVX-512), else ATEN_CPU_CAPABILITY=default's.
+
+    ``masters``: master weights of 16-bit params: ``masters[i]`` is the
+    float32 master of ``params[i]`` (None on its first step: it is made from
+    the param, and replaced); the buffers are float32; each grad is widened
+    and multiplied by ``inv_scale`` (GradScaler's, a float32; 1 if None).
     """
     for i, (p, g) in enumerate(zip(params, grads)):
         if g is None:
             continue
-        t = p.dtype.type
-        d = -g if maximize else g
+        if masters is not None:
+            half = Half16(p.dtype, p.size, fma)
+            if masters[i] is None:
+                masters[i] = half.widen(p).copy()
+            ops, target = Float(np.float32, fma), masters[i]
+            g = half.widen(g) * np.float32(1.0 if inv_scale is None else inv_scale)
+        elif p.dtype.itemsize == 2:
+            ops, target = Half16(p.dtype, p.size, fma), p
+        else:
+            ops, target = Float(p.dtype, fma), p
+        d = ops.neg(g) if maximize else g
         if weight_decay != 0:
-            d = madd(p, t(weight_decay), d, fma)
+            d = ops.add(d, target, weight_decay)
         if momentum != 0:
             buf = momentum_buffers[i]
             if buf is None:
                 buf = np.array(d, copy=True)
                 momentum_buffers[i] = buf
             else:
-                buf[...] = madd(d, t(1 - dampening), buf * t(momentum), fma)
-            d = madd(buf, t(momentum), d, fma) if nesterov else buf
-        p[...] = madd(d, t(-lr), p, fma)
+                buf[...] = ops.add(ops.mul(buf, momentum), d, 1 - dampening)
+            d = ops.add(d, buf, momentum) if nesterov else buf
+        target[...] = ops.add(target, d, -lr)
+        if masters is not None:  # torch's copy of the float32 params back
+            p[...] = half.round(target, scalar=np.full(p.shape, not fma))
 
 
 class SGD(_NativeSGD):
@@ -147,6 +267,14 @@ class SGD(_NativeSGD):
             loss = closure()
         self._stepper.validate(self.param_groups, self.state)
         fma = self.fma if self.fma is not None else _native_rounding_is_fused()
+        inv_scale = self._amp_inv_scale  # GradScaler's, with master weights
+        if inv_scale is not None:
+            grads = [p.grad for group in self.param_groups for p in group["params"]
+                     if p.grad is not None]
+            self._amp_found_inf = float(not all(np.isfinite(g.astype(np.float32)).all()
+                                                for g in grads))
+            if self._amp_found_inf:
+                return loss
         for group in self.param_groups:
             params = group["params"]
             grads = [p.grad for p in params]
@@ -154,13 +282,19 @@ class SGD(_NativeSGD):
             if group["momentum"] != 0:
                 buffers = [self.state[p].get("momentum_buffer") if g is not None else None
                            for p, g in zip(params, grads)]
+            masters = None
+            if group.get("master_weights"):
+                masters = [self.state[p].get("master_param") if g is not None else None
+                           for p, g in zip(params, grads)]
             sgd(params, grads, buffers, lr=group["lr"], momentum=group["momentum"],
                 dampening=group["dampening"], weight_decay=group["weight_decay"],
-                nesterov=group["nesterov"], maximize=group["maximize"], fma=fma)
-            if group["momentum"] != 0:
-                for p, g, buf in zip(params, grads, buffers):
-                    if g is not None:
-                        self.state[p]["momentum_buffer"] = buf
+                nesterov=group["nesterov"], maximize=group["maximize"], fma=fma,
+                masters=masters, inv_scale=inv_scale)
+            for i, (p, g) in enumerate(zip(params, grads)):
+                if g is not None and group["momentum"] != 0:
+                    self.state[p]["momentum_buffer"] = buffers[i]
+                if g is not None and masters is not None:
+                    self.state[p]["master_param"] = masters[i]
         return loss
 
 

@@ -36,11 +36,18 @@ class SGD(Optimizer):
         foreach, fused: accepted and kept in the groups so torch code runs
             unchanged; every step takes the same multi-tensor native path.
         differentiable: must be False; fastsgd has no autograd.
+        master_weights (bool): for float16/bfloat16 parameters, keep a
+            float32 copy of each (``state[p]["master_param"]``) and a float32
+            momentum buffer; a step reads the 16-bit grad, steps the master
+            as a float32 parameter and writes the parameter as the master
+            rounded to its dtype, in one pass (default: False).  With
+            :class:`fastsgd.amp.GradScaler`, the unscale and the inf/NaN
+            check happen within the step, before anything is written.
     """
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
-                 fused=None):
+                 fused=None, master_weights=False):
         if isinstance(lr, np.ndarray) and lr.size != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:
@@ -61,6 +68,8 @@ class SGD(Optimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
+        if master_weights:  # only then: param_groups and repr stay torch's otherwise
+            defaults["master_weights"] = True
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         super().__init__(params, defaults)
@@ -84,6 +93,13 @@ class SGD(Optimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)
 
+    @property
+    def _step_supports_amp_scaling(self):
+        """GradScaler's protocol (as torch's fused optimizers): when every
+        group has master weights, the step unscales and checks the grads
+        itself (``_amp_inv_scale`` in, ``_amp_found_inf`` out)."""
+        return all(group.get("master_weights") for group in self.param_groups)
+
     def step(self, closure=None):
         """Perform a single optimization step.
 
@@ -95,6 +111,44 @@ class SGD(Optimizer):
         if closure is not None:
             loss = closure()
 
-        self._stepper.step(self.param_groups, self.state)
+        inv_scale = self._amp_inv_scale
+        if inv_scale is None:
+            self._stepper.step(self.param_groups, self.state)
+        else:
+            stepped = self._stepper.step(self.param_groups, self.state, inv_scale)
+            self._amp_found_inf = 0.0 if stepped else 1.0
         return loss
+
+    _amp_inv_scale = None  # set by GradScaler.step around a step (see above)
+
+    # --------------------------------------------------- master weights
+
+    def _master_params(self):
+        return {id(p) for group in self.param_groups if group.get("master_weights")
+                for p in group["params"]}
+
+    def _cast_state_value(self, param, value, key):
+        """A master-weights parameter's master and momentum stay float32
+        (a float32 state loads as is, a 16-bit one is widened)."""
+        if key in ("master_param", "momentum_buffer") and id(param) in self._loading_masters:
+            cast = np.empty(param.shape, np.float32, order="F" if np.isfortran(param) else "C")
+            cast[...] = value
+            return cast
+        return super()._cast_state_value(param, value, key)
+
+    _loading_masters = frozenset()
+
+    def load_state_dict(self, state_dict):
+        """torch's load_state_dict; groups with master weights keep them (a
+        torch or float32 state_dict has no such option) and their state
+        stays float32."""
+        masters = [group.get("master_weights", False) for group in self.param_groups]
+        self._loading_masters = self._master_params()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            del self._loading_masters
+        for group, master in zip(self.param_groups, masters):
+            if master:
+                group.setdefault("master_weights", True)
 
