@@ -26,7 +26,7 @@ included), ``str``; ``list``, ``tuple`` (not their subclasses, such as
 namedtuples, which would come back as something else) and ``dict`` (keys
 ``str`` or ``int``) of these, at most 100 levels deep; numpy arrays and
 numpy scalars of bool, integer, float or complex dtype, any shape and byte
-order; and ``fastsgd.Parameter``.  That covers every state_dict of
+order, and of ml_dtypes' bfloat16; and ``fastsgd.Parameter``.  That covers every state_dict of
 ``fastsgd.SGD``.  What comes back:
 
 - dicts come back as plain ``dict`` (a ``ParamState`` too) in their order;
@@ -57,7 +57,7 @@ File format, version 1 (all integers little-endian)::
     28+H+P  32    SHA-256 of all the bytes before it
 
 The header is ``{"arrays": [spec, ...], "root": node}``.  A spec is
-``{"dtype": dtype.str, "shape": [int, ...], "order": "C" or "F",
+``{"dtype": dtype.str (or "bfloat16"), "shape": [int, ...], "order": "C" or "F",
 "offset": int, "nbytes": int}``: the array's bytes sit at ``offset`` in
 the payload, in its memory order; each offset is the previous spec's
 offset + nbytes, the first is 0, and the last ends at P.  A node is one of
@@ -82,7 +82,7 @@ import tempfile
 
 import numpy as np
 
-from .parameter import Parameter
+from .parameter import Parameter, is_bfloat16
 
 __all__ = ["CheckpointError", "load", "save"]  # encode, read_arrays, decode: for fastsgd.distributed
 
@@ -97,7 +97,18 @@ _SPEC_KEYS = {"dtype", "shape", "order", "offset", "nbytes"}
 # string np.dtype() could read as objects, records or subarrays never passes.
 _DTYPE_PATTERN = re.compile(r"[<>|][biufc][0-9]{1,2}\Z")
 _ARRAY_TAGS = ("array", "parameter", "scalar")
-_PARAMETER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_PARAMETER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
+# bfloat16's dtype.str is "<V2", which says nothing: it is spelled by name,
+# and loading it needs ml_dtypes, imported then.
+_BFLOAT16 = "bfloat16"
+
+
+def _is_parameter_dtype(dtype):
+    return dtype in _PARAMETER_DTYPES or is_bfloat16(dtype)
+
+
+def _dtype_text(dtype):
+    return _BFLOAT16 if is_bfloat16(dtype) else dtype.str
 
 
 class CheckpointError(ValueError):
@@ -146,7 +157,7 @@ class _Encoder:
                              "levels (is there a cycle?)")
         # Parameter and numpy scalars first: they are also ndarrays / floats.
         if isinstance(obj, Parameter):
-            if obj.dtype not in _PARAMETER_DTYPES:
+            if not _is_parameter_dtype(obj.dtype):
                 raise TypeError(f"cannot save a Parameter of dtype {obj.dtype}")
             return {"parameter": self._add_array(obj)}
         if isinstance(obj, np.ndarray):
@@ -166,14 +177,14 @@ class _Encoder:
         raise TypeError(f"cannot save an object of type {type(obj).__name__}")
 
     def _add_array(self, array):
-        if _parse_dtype(array.dtype.str) is None:
+        if _parse_dtype(_dtype_text(array.dtype)) is None:
             raise TypeError(f"cannot save numpy data of dtype {array.dtype}: only bool, "
                             "integer, float and complex arrays are saved (no pickle)")
         fortran = array.flags.f_contiguous and not array.flags.c_contiguous
         if not (fortran or array.flags.c_contiguous):
             array = np.ascontiguousarray(array)
         offset = self.specs[-1]["offset"] + self.specs[-1]["nbytes"] if self.specs else 0
-        self.specs.append({"dtype": array.dtype.str, "shape": list(array.shape),
+        self.specs.append({"dtype": _dtype_text(array.dtype), "shape": list(array.shape),
                            "order": "F" if fortran else "C",
                            "offset": offset, "nbytes": array.nbytes})
         self.arrays.append(array.view(np.ndarray))
@@ -388,7 +399,15 @@ def _is_size(value):
 
 
 def _parse_dtype(text):
-    """The numeric or bool dtype spelled ``text`` as ``dtype.str`` spells it, or None."""
+    """The numeric or bool dtype spelled ``text`` as ``dtype.str`` spells it
+    (bfloat16: by name), or None."""
+    if text == _BFLOAT16:
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise CheckpointError("the checkpoint holds bfloat16 arrays, which need "
+                                  "ml_dtypes: pip install ml_dtypes") from None
+        return np.dtype(ml_dtypes.bfloat16)
     if not (isinstance(text, str) and _DTYPE_PATTERN.match(text)):
         return None
     try:
@@ -442,7 +461,7 @@ class _Decoder:
         array = self.arrays[index]
         self.used += 1
         if tag == "parameter":
-            if array.dtype not in _PARAMETER_DTYPES:
+            if not _is_parameter_dtype(array.dtype):
                 raise CheckpointError(f"bad header: a Parameter of dtype {array.dtype}")
             return Parameter(array)
         if tag == "scalar":

@@ -9,6 +9,12 @@ torch accumulates each grad's norm in its own order and precision, so totals
 and clipped grads agree with torch's to within a few units in the last place
 of the dtype (tests/test_clip_grad.py: rtol 1e-5 for float32, 1e-12 for
 float64), not bit for bit.  ``clip_grad_value_`` is exact.
+
+float16 and bfloat16 grads: each norm is rounded to the grad's dtype, the
+total is computed from those in float32 and rounded to their dtype, and the
+scaling multiplies in float32 and rounds once, as torch does; grads of
+several dtypes give a float32 total (float64 if any grad is float64), as
+torch's type promotion does.
 """
 import types
 import warnings
@@ -44,9 +50,9 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     if not grads:
         return np.float32(0.0)
     _check_infinity_norm_sizes(norm_type, (g.size for g in grads))
-    dtype = np.result_type(*grads)
+    dtypes = [g.dtype for g in grads]
     norms = _native.grad_norms(grads, positions, norm_type)
-    total, coef = _total_norm_and_coef(dtype, [g.dtype for g in grads], norms, max_norm,
+    total, coef = _total_norm_and_coef(_common_dtype(dtypes), dtypes, norms, max_norm,
                                        norm_type, error_if_nonfinite)
     _native.scale_grads(grads, positions, float(coef))
     return total
@@ -66,9 +72,12 @@ def _check_infinity_norm_sizes(norm_type, sizes):
 def _total_norm_and_coef(dtype, grad_dtypes, norms, max_norm, norm_type, error_if_nonfinite):
     """The total norm and the clipping coefficient, from each grad's norm (in
     double, in the order of the grads) rounded to its dtype; ``dtype`` is the
-    grads' result type.  fastsgd.distributed computes its sharded total here
-    too, from norms gathered across ranks, so that it is one process's."""
+    grads' common dtype (_common_dtype).  fastsgd.distributed computes its
+    sharded total here too, from norms gathered across ranks, so that it is
+    one process's."""
     per_grad = np.array([t.type(n) for t, n in zip(grad_dtypes, norms)], dtype=dtype)
+    if dtype.itemsize == 2:  # numpy's norm has no 16-bit loops: float32, rounded back
+        per_grad = per_grad.astype(np.float32)
     total = dtype.type(np.linalg.norm(per_grad, ord=norm_type))
     if error_if_nonfinite and not np.isfinite(total):
         raise RuntimeError(
@@ -79,6 +88,15 @@ def _total_norm_and_coef(dtype, grad_dtypes, norms, max_norm, norm_type, error_i
     with np.errstate(all="ignore"):
         coef = min(dtype.type(float(max_norm)) / (total + dtype.type(1e-6)), dtype.type(1.0))
     return total, coef
+
+
+def _common_dtype(grad_dtypes):
+    """torch's promotion of the grads' norms: their dtype if they share one,
+    else float64 if any is float64, else float32."""
+    dtypes = set(grad_dtypes)
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    return np.dtype(np.float64 if np.dtype(np.float64) in dtypes else np.float32)
 
 
 def clip_grad_value_(parameters, clip_value, foreach=None):

@@ -1348,8 +1348,9 @@ class ZeroRedundancyOptimizer(_DataParallel):
         by_owner = [iter(gathered[start:start + count]) for start, count in zip(starts, counts)]
         in_order = [next(by_owner[self._owner[id(p)]]) for _, p in present]
         dtypes = [p.dtype for _, p in present]
-        total, coef = clip_grad._total_norm_and_coef(np.result_type(*dtypes), dtypes, in_order,
-                                                     max_norm, norm_type, error_if_nonfinite)
+        total, coef = clip_grad._total_norm_and_coef(clip_grad._common_dtype(dtypes), dtypes,
+                                                     in_order, max_norm, norm_type,
+                                                     error_if_nonfinite)
         _native.scale_grads([p.grad for _, p in owned], [i for i, _ in owned], float(coef))
         return total
 

@@ -416,7 +416,7 @@ cdef class GroupPlan:
             if grads[i] is not None:
                 self.stage(i, params[i], grads[i],
                            buffers[i] if self.with_momentum else None, -1)
-        return 0
+        return self.check_alphas(-1)
 
     cdef void run(self, bint roofline, float inv_scale):
         """Run every dtype's batch; inv_scale multiplies the grads of a
