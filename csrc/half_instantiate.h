@@ -1,7 +1,8 @@
 /* The loops of one 16-bit dtype for one implementation, included twice by
  * sgd_instantiate.h (float16, bfloat16) with HALF_NAME, HALF_WIDEN(x),
  * HALF_ROUND_BODY(f) and HALF_ROUND_TAIL(f) (the roundings of torch's vector
- * body and scalar remainder, half_convert.h), HALF_NONFINITE(x), and, with
+ * body and scalar remainder, half_convert.h), HALF_NONFINITE(x),
+ * HALF_KEEPS_NAN (1 if a NaN's payload survives the rounding), and, with
  * IMPL_VEC16, the vector lanes VEC_* (half_simd.h).
  *
  * Every op widens its operands to float32, computes, and rounds to the
@@ -9,15 +10,25 @@
  * copy (the first momentum buffer) keeps the bits.  In the vector body
  * x.add(y, alpha=a) is one float32 fused multiply-add; in the scalar
  * remainder the product is rounded to the dtype before the sum; a negation
- * there goes through float32. */
+ * there goes through float32.
+ *
+ * x.add(y, alpha=a) with x and y both NaN gives y's NaN in torch's vector
+ * body (and its float32 kernels), x's in its scalar code; a compiler is free
+ * to pick either operand's, so where the payload survives (float16, and the
+ * float32 master) the NaN is chosen explicitly (NAN_FIRST). */
 #define HALF_FN(kind) IMPL_CAT(IMPL_CAT(kind, HALF_NAME), IMPL_CAT(_, IMPL_NAME))
+#define NAN_FIRST(c, r) (HALF_KEEPS_NAN && (c) != (c) ? (c) : (r))
+#if HALF_KEEPS_NAN
+#define VEC_NAN_FIRST_IF_KEPT VEC_NAN_FIRST
+#else
+#define VEC_NAN_FIRST_IF_KEPT(c, r) (r)
+#endif
 
 /* Lanes of 16-bit values: the element types and loads of every step below */
 #define STEP_P uint16_t
 #define STEP_G uint16_t
 
-/* torch's scalar code: every element at ATEN_CPU_CAPABILITY=default, else
- * the last n % 32 of a tensor */
+/* torch's scalar code: the last n % 32 elements of a tensor */
 #define STEP_FN HALF_FN(step_tail_)
 #define STEP_S uint16_t
 #define STEP_A float
@@ -25,13 +36,13 @@
 #define STEP_STORE(ptr, i, v) ((ptr)[i] = (v))
 #define STEP_LOAD_GRAD(ptr, i, inv_scale) ((ptr)[i])
 #define STEP_NEGATE(x) HALF_ROUND_TAIL(-HALF_WIDEN(x))
-#define STEP_MADD(a, k, c) \
-    HALF_ROUND_TAIL(HALF_WIDEN(c) + HALF_WIDEN(HALF_ROUND_TAIL(HALF_WIDEN(a) * (k))))
+#define STEP_MADD(a, k, c)                                                 \
+    HALF_ROUND_TAIL(NAN_FIRST(HALF_WIDEN(c),                                   \
+                              HALF_WIDEN(c) + HALF_WIDEN(HALF_ROUND_TAIL(HALF_WIDEN(a) * (k)))))
 #define STEP_MUL(x, k) HALF_ROUND_TAIL(HALF_WIDEN(x) * (k))
 #define STEP_STORE_OUT(out, i, v) ((void)0)
 #include "sgd_step.h"
 
-#if IMPL_FUSED16
 /* torch's vector body, one element at a time */
 #define STEP_FN HALF_FN(step_body_)
 #define STEP_S uint16_t
@@ -39,18 +50,27 @@
 #define STEP_LOAD(ptr, i) ((ptr)[i])
 #define STEP_STORE(ptr, i, v) ((ptr)[i] = (v))
 #define STEP_LOAD_GRAD(ptr, i, inv_scale) ((ptr)[i])
+#if IMPL_FUSED16
 #define STEP_NEGATE(x) ((uint16_t)((x) ^ 0x8000u))
-#define STEP_MADD(a, k, c) HALF_ROUND_BODY(IMPL_MADD_F32(HALF_WIDEN(a), (k), HALF_WIDEN(c)))
+#define STEP_MADD(a, k, c) \
+    HALF_ROUND_BODY(NAN_FIRST(HALF_WIDEN(a), IMPL_MADD_F32(HALF_WIDEN(a), (k), HALF_WIDEN(c))))
 #define STEP_MUL(x, k) HALF_ROUND_BODY(HALF_WIDEN(x) * (k))
+#define HALF_ROUND_COPY HALF_ROUND_BODY
+#else
+/* at ATEN_CPU_CAPABILITY=default the body is torch's generic vector code,
+ * element-wise scalar ops (the scalar code's roundings) computing
+ * `y * a + x`: the product's NaN goes first */
+#define STEP_NEGATE(x) HALF_ROUND_TAIL(-HALF_WIDEN(x))
+#define STEP_MADD(a, k, c)                                                            \
+    HALF_ROUND_TAIL(NAN_FIRST(HALF_WIDEN(HALF_ROUND_TAIL(HALF_WIDEN(a) * (k))),          \
+                              HALF_WIDEN(c) + HALF_WIDEN(HALF_ROUND_TAIL(HALF_WIDEN(a) * (k)))))
+#define STEP_MUL(x, k) HALF_ROUND_TAIL(HALF_WIDEN(x) * (k))
+#define HALF_ROUND_COPY HALF_ROUND_TAIL
+#endif
 #define STEP_STORE_OUT(out, i, v) ((void)0)
 #include "sgd_step.h"
 #define SGD_STEP HALF_FN(step_body_)
 #define SGD_STEP_TAIL HALF_FN(step_tail_)
-#define HALF_ROUND_COPY HALF_ROUND_BODY
-#else
-#define SGD_STEP HALF_FN(step_tail_)
-#define HALF_ROUND_COPY HALF_ROUND_TAIL
-#endif
 
 #if IMPL_VEC16
 /* torch's vector body, VEC_WIDTH elements at a time */
@@ -61,7 +81,8 @@
 #define STEP_STORE(ptr, i, v) VEC_HSTORE((ptr) + (i), (v))
 #define STEP_LOAD_GRAD(ptr, i, inv_scale) VEC_HLOAD((ptr) + (i))
 #define STEP_NEGATE(x) VEC_HNEGATE(x)
-#define STEP_MADD(a, k, c) VEC_ROUND(VEC_FMA(VEC_WIDEN(a), (k), VEC_WIDEN(c)))
+#define STEP_MADD(a, k, c) \
+    VEC_ROUND(VEC_NAN_FIRST_IF_KEPT(VEC_WIDEN(a), VEC_FMA(VEC_WIDEN(a), (k), VEC_WIDEN(c))))
 #define STEP_MUL(x, k) VEC_ROUND(VEC_MUL(VEC_WIDEN(x), (k)))
 #define STEP_STORE_OUT(out, i, v) ((void)0)
 #include "sgd_step.h"
@@ -123,7 +144,7 @@
 #define STEP_STORE(ptr, i, v) ((ptr)[i] = (v))
 #define STEP_LOAD_GRAD(ptr, i, inv_scale) (HALF_WIDEN((ptr)[i]) * (inv_scale))
 #define STEP_NEGATE(x) fastsgd_negate_f32(x)
-#define STEP_MADD IMPL_MADD_F32
+#define STEP_MADD(a, k, c) ((a) != (a) ? (a) : IMPL_MADD_F32(a, k, c))
 #define STEP_MUL(x, k) ((x) * (k))
 #define STEP_STORE_OUT(out, i, v) ((out)[i] = HALF_ROUND_COPY(v))
 #include "sgd_step.h"
@@ -136,7 +157,7 @@
 #define STEP_STORE(ptr, i, v) VEC_FSTORE((ptr) + (i), (v))
 #define STEP_LOAD_GRAD(ptr, i, inv_scale) VEC_MUL(VEC_WIDEN(VEC_HLOAD((ptr) + (i))), (inv_scale))
 #define STEP_NEGATE(x) VEC_FNEGATE(x)
-#define STEP_MADD VEC_FMA
+#define STEP_MADD(a, k, c) VEC_NAN_FIRST((a), VEC_FMA(a, k, c))
 #define STEP_MUL VEC_MUL
 #define STEP_STORE_OUT(out, i, v) VEC_HSTORE((out) + (i), VEC_ROUND(v))
 #include "sgd_step.h"
@@ -160,6 +181,9 @@
 
 #undef HALF_ROUND_COPY
 #undef HALF_FN
+#undef NAN_FIRST
+#undef VEC_NAN_FIRST_IF_KEPT
+#undef HALF_KEEPS_NAN
 #undef HALF_NAME
 #undef HALF_WIDEN
 #undef HALF_ROUND_BODY

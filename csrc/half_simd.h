@@ -44,6 +44,13 @@ HALF_AVX2 __m128i bf16x8_round(__m256 f)
     return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
+/* c where c is NaN, else r: the NaN an op propagates, chosen explicitly
+ * (a compiler's FMA form could pick another operand's). */
+HALF_AVX2 __m256 f32x8_nan_first(__m256 c, __m256 r)
+{
+    return _mm256_blendv_ps(r, c, _mm256_cmp_ps(c, c, _CMP_UNORD_Q));
+}
+
 HALF_AVX2 __m256 f32x8_load(const float *p) { return _mm256_loadu_ps(p); }
 HALF_AVX2 void f32x8_store(float *p, __m256 v) { _mm256_storeu_ps(p, v); }
 HALF_AVX2 __m256 f32x8_negate(__m256 v) { return _mm256_xor_ps(v, _mm256_set1_ps(-0.0f)); }
@@ -76,6 +83,11 @@ HALF_AVX512 __m256i bf16x16_round(__m512 f)
     const __mmask16 ordered = _mm512_cmp_ps_mask(f, f, _CMP_ORD_Q);
     r = _mm512_mask_blend_epi32(ordered, _mm512_set1_epi32(0xFFFF), r);
     return _mm512_cvtepi32_epi16(r);
+}
+
+HALF_AVX512 __m512 f32x16_nan_first(__m512 c, __m512 r)
+{
+    return _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(c, c, _CMP_UNORD_Q), c);
 }
 
 HALF_AVX512 __m512 f32x16_load(const float *p) { return _mm512_loadu_ps(p); }

@@ -155,6 +155,7 @@ static inline __attribute__((always_inline)) double fastsgd_negate_f64(double x)
 #define VEC_FMA _mm512_fmadd_ps
 #define VEC_MUL _mm512_mul_ps
 #define VEC_SPLAT _mm512_set1_ps
+#define VEC_NAN_FIRST f32x16_nan_first
 #define VEC_F16_WIDEN f16x16_widen
 #define VEC_F16_ROUND f16x16_round
 #define VEC_BF16_WIDEN bf16x16_widen
@@ -172,6 +173,7 @@ static inline __attribute__((always_inline)) double fastsgd_negate_f64(double x)
 #define VEC_FMA _mm256_fmadd_ps
 #define VEC_MUL _mm256_mul_ps
 #define VEC_SPLAT _mm256_set1_ps
+#define VEC_NAN_FIRST f32x8_nan_first
 #define VEC_F16_WIDEN f16x8_widen
 #define VEC_F16_ROUND f16x8_round
 #define VEC_BF16_WIDEN bf16x8_widen
@@ -183,6 +185,7 @@ static inline __attribute__((always_inline)) double fastsgd_negate_f64(double x)
 #define HALF_ROUND_BODY(f) fastsgd_f16_round((f), F16_NAN_QUIET)
 #define HALF_ROUND_TAIL(f) fastsgd_f16_round((f), IMPL_F16_NAN)
 #define HALF_NONFINITE(x) (((x) & 0x7C00u) == 0x7C00u)
+#define HALF_KEEPS_NAN 1
 #define VEC_WIDEN VEC_F16_WIDEN
 #define VEC_ROUND VEC_F16_ROUND
 #include "half_instantiate.h"
@@ -192,6 +195,7 @@ static inline __attribute__((always_inline)) double fastsgd_negate_f64(double x)
 #define HALF_ROUND_BODY(f) fastsgd_bf16_round((f), BF16_NAN_VECTOR)
 #define HALF_ROUND_TAIL(f) fastsgd_bf16_round((f), BF16_NAN_SCALAR)
 #define HALF_NONFINITE(x) (((x) & 0x7F80u) == 0x7F80u)
+#define HALF_KEEPS_NAN 0
 #define VEC_WIDEN VEC_BF16_WIDEN
 #define VEC_ROUND VEC_BF16_ROUND
 #include "half_instantiate.h"
@@ -217,6 +221,7 @@ static inline __attribute__((always_inline)) double fastsgd_negate_f64(double x)
 #undef VEC_FMA
 #undef VEC_MUL
 #undef VEC_SPLAT
+#undef VEC_NAN_FIRST
 #undef VEC_F16_WIDEN
 #undef VEC_F16_ROUND
 #undef VEC_BF16_WIDEN

@@ -17,9 +17,11 @@ takes ``m`` as a float32.  torch's AVX2/AVX-512 kernels compute each tensor
 in a vector body and its last ``n % 32`` elements in scalar code, which
 differ: the body fuses the multiply-add, the scalar code rounds the product
 to the dtype first; the body gives a bfloat16 NaN the bits 0xFFFF, the
-scalar code 0x7FC0; a float16 NaN keeps its sign and payload, quieted.  At
-``ATEN_CPU_CAPABILITY=default`` every element takes the scalar code, where
-a float16 NaN becomes sign | 0x7E00.
+scalar code 0x7FC0; a float16 NaN keeps its sign and payload, quieted; with
+x and y both NaN, the body keeps y's NaN, the scalar code x's.  At
+``ATEN_CPU_CAPABILITY=default`` every element rounds as the scalar code
+(product and sum separately; a float16 NaN becomes sign | 0x7E00), but the
+body, torch's generic vector code computing ``y * a + x``, keeps y's NaN.
 
 Master weights (``masters``): the 16-bit grad, widened to float32 (and
 multiplied by GradScaler's float32 inverse scale), steps the float32 master
@@ -30,7 +32,8 @@ default the scalar code's, for every element).
 numpy has no fused multiply-add, so ``madd`` builds one from error-free
 transformations and rounding to odd (Boldo & Melquiond, "Emulation of FMA
 and correctly rounded sums: proved algorithms using rounding to odd", IEEE
-Trans. Computers 57(4), 2008).  Where an input or the product is not finite,
+Trans. Computers 57(4), 2008).  float32 is computed in float64, exactly, special
+values included.  For float64, where an input or the product is not finite,
 it returns numpy's ``x + a * y`` (the same IEEE special values as an FMA, but
 for a product that overflows only in the unfused evaluation).
 """
@@ -87,14 +90,15 @@ def madd(y, a, x, fma=True):
         return unfused
     with np.errstate(all="ignore"):
         if x.dtype == np.float32:
-            # The float64 product of two float32 is exact; the float64 sum,
-            # rounded to odd, keeps enough to round to float32 once.
-            s, e = _two_sum(y.astype(np.float64) * np.float64(a), x.astype(np.float64))
-            fused = _round_to_odd(s, e).astype(np.float32)
-        else:
-            uh, ul = _two_product(y, np.full_like(y, a))
-            th, tl = _two_sum(x, uh)
-            fused = th + _round_to_odd(*_two_sum(tl, ul))
+            # The float64 product of two float32 is exact and cannot
+            # overflow; the float64 sum, rounded to odd, keeps enough to
+            # round to float32 once.  Infinities and NaNs come out as an
+            # FMA's (x's NaN first, as x + a * y).
+            s, e = _two_sum(x.astype(np.float64), y.astype(np.float64) * np.float64(a))
+            return _round_to_odd(s, e).astype(np.float32)
+        uh, ul = _two_product(y, np.full_like(y, a))
+        th, tl = _two_sum(x, uh)
+        fused = th + _round_to_odd(*_two_sum(tl, ul))
         finite = np.isfinite(x) & np.isfinite(y) & np.isfinite(y * a)
     return np.where(finite, fused, unfused)
 
@@ -133,8 +137,10 @@ class Float:
         return -x
 
     def add(self, x, y, alpha):
-        """x.add(y, alpha=alpha)"""
-        return madd(y, self.t(alpha), x, self.fma)
+        """x.add(y, alpha=alpha); with x and y both NaN, y's NaN (quieted)."""
+        y = np.asarray(y)
+        with np.errstate(invalid="ignore"):
+            return np.where(np.isnan(y), y + self.t(0), madd(y, self.t(alpha), x, self.fma))
 
     def mul(self, x, m):
         """x.mul(m)"""
@@ -142,24 +148,30 @@ class Float:
 
 
 class Half16:
-    """The ops of torch's for-loop SGD on a float16 or bfloat16 array of n
-    elements (see the module's docstring): float32 arithmetic, then a
+    """The ops of torch's for-loop SGD on a float16 or bfloat16 array like
+    ``array`` (see the module's docstring): float32 arithmetic, then a
     rounding to the dtype, per op.  ``vectorized``: torch's AVX2/AVX-512
     kernels (the vector body, then the scalar code on the last n % 32
-    elements); else ATEN_CPU_CAPABILITY=default (scalar code only)."""
+    elements in memory order); else ATEN_CPU_CAPABILITY=default (scalar
+    code only)."""
 
     CHUNK = 32
 
-    def __init__(self, dtype, n, vectorized):
-        self.dtype = np.dtype(dtype)
+    def __init__(self, array, vectorized):
+        self.dtype = array.dtype
         self.vectorized = vectorized
-        self.scalar = np.arange(n) >= (n - n % self.CHUNK if vectorized else 0)
+        n = array.size
+        in_memory_order = np.arange(n) >= n - n % self.CHUNK
+        order = "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
+        self.tail = in_memory_order.reshape(array.shape, order=order)
+        # where torch's scalar code's roundings apply
+        self.scalar = self.tail | (not vectorized)
 
     def widen(self, x):
         """Exactly, to float32."""
         bits = np.asarray(x).view(np.uint16)
         if is_bfloat16(self.dtype):
-            return (bits.astype(np.uint32) << 16).view(np.float32)
+            return np.asarray(bits.astype(np.uint32) << 16).view(np.float32)
         return bits.view(np.float16).astype(np.float32)
 
     def round(self, x, scalar=None):
@@ -192,14 +204,20 @@ class Half16:
         return np.where(self.scalar, self.round(-self.widen(x)), flipped)
 
     def add(self, x, y, alpha):
-        """x.add(y, alpha=alpha): one fused multiply-add in the vector body;
-        in the scalar code the product is rounded to the dtype first."""
+        """x.add(y, alpha=alpha): one fused multiply-add in the vector body
+        (at default: unfused); in the scalar code the product is rounded to
+        the dtype first.  With x and y both NaN, the body keeps y's NaN, the
+        scalar code x's."""
         a = self.alpha(alpha)
+        wx, wy = self.widen(x), self.widen(y)
         with np.errstate(all="ignore"):
-            fused = self.round(madd(self.widen(y), a, self.widen(x)))
-            product = self.widen(self.round(self.widen(y) * a))
-            separate = self.round(self.widen(x) + product)
-        return np.where(self.scalar, separate, fused)
+            product = self.widen(self.round(wy * a))
+            if self.vectorized:
+                body = self.round(np.where(np.isnan(wy), wy, madd(wy, a, wx)))
+            else:
+                body = self.round(np.where(np.isnan(product), product, wx + product))
+            tail = self.round(np.where(np.isnan(wx), wx, wx + product))
+        return np.where(self.tail, tail, body)
 
     def mul(self, x, m):
         """x.mul(m), m a float32 (not rounded to the dtype)."""
@@ -224,13 +242,13 @@ def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_deca
         if g is None:
             continue
         if masters is not None:
-            half = Half16(p.dtype, p.size, fma)
+            half = Half16(p, fma)
             if masters[i] is None:
                 masters[i] = half.widen(p).copy()
             ops, target = Float(np.float32, fma), masters[i]
             g = half.widen(g) * np.float32(1.0 if inv_scale is None else inv_scale)
         elif p.dtype.itemsize == 2:
-            ops, target = Half16(p.dtype, p.size, fma), p
+            ops, target = Half16(p, fma), p
         else:
             ops, target = Float(p.dtype, fma), p
         d = ops.neg(g) if maximize else g
