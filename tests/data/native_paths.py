@@ -1,8 +1,9 @@
-"""Runs every path of the native step (each kernel the CPU and valgrind run, both
-dtypes, first and later steps, missing grads, rejections, looked-up buffers,
-the functional API, the rooflines, gradient clipping and a group staged on two
-threads) for the memory checkers in
-tests/test_memory_checkers.py."""
+"""Runs every path of the native step (each kernel the CPU and valgrind run, all
+four dtypes, first and later steps, missing grads, rejections, looked-up buffers,
+the functional API, the rooflines, gradient clipping, master weights with and
+without GradScaler, its unscale, and a group staged on two threads) for the
+memory checkers in tests/test_memory_checkers.py."""
+import ml_dtypes
 import numpy as np
 
 import fastsgd
@@ -13,7 +14,7 @@ for cap in fastsgd.available_capabilities():
     if cap == "avx512":
         continue  # valgrind does not emulate AVX-512
     fastsgd.set_cpu_capability(cap)
-    for dtype in (np.float32, np.float64):
+    for dtype in (np.float32, np.float64, np.float16, ml_dtypes.bfloat16):
         params = [fastsgd.Parameter(rng.standard_normal(n).astype(dtype)) for n in (0, 1, 7, 17, 1000)]
         params.append(fastsgd.Parameter(np.asfortranarray(rng.standard_normal((5, 3)).astype(dtype))))
         params.append(fastsgd.Parameter(np.float64(1.5).astype(dtype).reshape(())))
@@ -46,6 +47,39 @@ for cap in fastsgd.available_capabilities():
         for norm_type in (float("inf"), -float("inf")):  # params[0] is empty
             fastsgd.clip_grad_norm_(params[1:], 0.1, norm_type)
         fastsgd.clip_grad_value_(params, 0.01)
+        scaler = fastsgd.amp.GradScaler()
+        scaler.scale(np.float32(1))
+        if dtype != np.float16:  # torch refuses to unscale float16 grads in place
+            scaler.unscale_(fastsgd.SGD(params, lr=0.1))
+    # Master weights: first and later steps, GradScaler's checked steps (one
+    # skipped), the roofline of a master-weights step.
+    for dtype in (np.float16, ml_dtypes.bfloat16):
+        halves = [fastsgd.Parameter(rng.standard_normal(n).astype(dtype)) for n in (0, 1, 33, 1000)]
+        halves.append(fastsgd.Parameter(np.asfortranarray(rng.standard_normal((5, 7)).astype(dtype))))
+        for opts in (dict(momentum=0.9, nesterov=True, weight_decay=0.1), dict(maximize=True)):
+            opt = fastsgd.SGD(halves, lr=0.1, master_weights=True, **opts)
+            scaler = fastsgd.amp.GradScaler(init_scale=4.0)
+            for step in range(4):
+                for p in halves:
+                    p.grad = np.ones_like(p, subok=False)
+                if step == 2:
+                    halves[3].grad[5] = np.inf
+                if step:
+                    scaler.scale(np.float32(1))
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+            halves[2].grad = np.ones(3, dtype)
+            try:
+                opt.step()
+            except ValueError:
+                pass
+        masters = [opt.state[p]["master_param"] for p in halves]
+        for p in halves:
+            p.grad = np.ones_like(p, subok=False)
+        _native.Roofline(halves, [p.grad for p in halves],
+                         [np.zeros_like(m) for m in masters], masters=masters)()
 # A group staged on 2 threads: steady-state steps, a missing grad, a rejection
 # found by either thread, and a plain-dict state sending it back to one thread.
 fastsgd.set_num_threads(2)
