@@ -10,13 +10,15 @@ within one run (see docs/performance.md), never asserted here.
 """
 import pytest
 
-from fastsgd.bench import PEERS, WORKLOADS, Model, _model
+from fastsgd.bench import PEERS, WORKLOADS, Model, _dtype, _model
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("peer", list(PEERS))
 @pytest.mark.parametrize("workload", WORKLOADS, ids=lambda w: w.name)
 def test_step(benchmark, workload, peer, threads):
+    if _dtype(workload.dtype) is None:
+        pytest.skip("bfloat16 needs ml_dtypes")
     step = PEERS[peer](workload, threads, Model(*_model(workload)))
     if step is None:
         pytest.skip(f"{peer} does not run here at {threads} thread(s)")

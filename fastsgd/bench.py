@@ -3,7 +3,12 @@
 Peers: torch's for-loop (its CPU default), foreach and fused SGD when torch is
 installed, fastsgd.reference (numpy), and the roofline: a C streaming loop
 shipped in the extension that makes the same reads and writes per element as
-a step, split over threads the same way.  Every peer starts from the same
+a step, split over threads the same way.  The 16-bit workloads add fastsgd's
+float32 step of the same shapes; the master-weights workloads time fastsgd's
+step with GradScaler against torch's chain: float32 params with
+GradScaler("cpu") and fused SGD, then a copy back to the 16-bit params
+(torch's fused SGD does not write 16-bit params in torch 2.13, and is left
+out there).  Every peer starts from the same
 values and grads; times are medians of individually timed steps (batched for
 steps shorter than a millisecond).  Every sample starts from a state that does
 not depend on which peer ran before it: "cold", the cache flushed, as a step
@@ -49,14 +54,26 @@ def resnet50_shapes():
     return shapes + [(1000, 2048), (1000,)]
 
 
+def _dtype(name):
+    """The numpy dtype called name; bfloat16 is ml_dtypes' (None without it)."""
+    if name != "bfloat16":
+        return np.dtype(name)
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
 @dataclass
 class Workload:
     name: str
     description: str
     shapes: list
-    dtype: type = np.float32
+    dtype: str = "float32"
     options: dict = field(default_factory=lambda: dict(DEFAULT_OPTIONS))
     cache: str = "cold"  # the state each sample starts from (see the module's doc)
+    master_weights: bool = False  # 16-bit params, float32 masters, GradScaler
 
     @property
     def elements(self):
@@ -64,9 +81,14 @@ class Workload:
 
     @property
     def bytes_per_step(self):
-        """Reads of param, grad and buffer, writes of param and buffer."""
+        """Reads of param, grad and buffer, writes of param and buffer; with
+        master weights, 22 bytes per element: the 16-bit grad read, the
+        float32 master and buffer read and written, and the 16-bit param
+        written (its cache lines read first)."""
+        if self.master_weights:
+            return self.elements * 22
         per_element = 5 if self.options["momentum"] else 3
-        return self.elements * np.dtype(self.dtype).itemsize * per_element
+        return self.elements * _dtype(self.dtype).itemsize * per_element
 
 
 WORKLOADS = [
@@ -74,16 +96,26 @@ WORKLOADS = [
     Workload("W2", "5,000 tensors x 256, f32", [(256,)] * 5000),
     Workload("W3", "one tensor of 50M, f32", [(50_000_000,)]),
     Workload("W4", "one tensor of 100, f32", [(100,)], cache="warm"),
-    Workload("W5", "ResNet-50 shapes, f64", resnet50_shapes(), np.float64),
+    Workload("W5", "ResNet-50 shapes, f64", resnet50_shapes(), "float64"),
     Workload("W6", "ResNet-50, plain momentum", resnet50_shapes(),
              options={"lr": 0.01, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0}),
+    # half precision (issue 14)
+    Workload("H1", "ResNet-50 shapes, f16", resnet50_shapes(), "float16"),
+    Workload("H2", "ResNet-50 shapes, bf16", resnet50_shapes(), "bfloat16"),
+    Workload("H3", "5,000 tensors x 256, f16", [(256,)] * 5000, "float16"),
+    Workload("H4", "5,000 tensors x 256, bf16", [(256,)] * 5000, "bfloat16"),
+    Workload("M1", "ResNet-50, bf16 master weights", resnet50_shapes(), "bfloat16",
+             master_weights=True),
+    Workload("M2", "ResNet-50, f16 master weights", resnet50_shapes(), "float16",
+             master_weights=True),
 ]
 
 
 def _model(workload, seed=0):
     rng = np.random.default_rng(seed)
-    values = [rng.standard_normal(s, dtype=np.float32).astype(workload.dtype) for s in workload.shapes]
-    grads = [rng.standard_normal(s, dtype=np.float32).astype(workload.dtype) for s in workload.shapes]
+    dtype = _dtype(workload.dtype)
+    values = [rng.standard_normal(s, dtype=np.float32).astype(dtype) for s in workload.shapes]
+    grads = [rng.standard_normal(s, dtype=np.float32).astype(dtype) for s in workload.shapes]
     return values, grads
 
 
@@ -105,15 +137,38 @@ def _fastsgd_step(workload, threads, model, optimizer_class=fastsgd.SGD):
     params = [fastsgd.Parameter(v) for v in model.values]
     for p, g in zip(params, model.grads):
         p.grad = g
-    opt = optimizer_class(params, **workload.options)
+    opt = optimizer_class(params, **workload.options, master_weights=workload.master_weights)
     opt.step()
     if optimizer_class is fastsgd.SGD:
         model.fastsgd_optimizer = opt
-    return opt.step
+    if not workload.master_weights:
+        return opt.step
+    # scale 1 and no growth: every step does the same work on the same values
+    scaler = fastsgd.amp.GradScaler(init_scale=1.0, growth_interval=1 << 30)
+    scaler.scale(np.float32(1))
+
+    def step():
+        scaler.step(opt)
+        scaler.update()
+    return step
+
+
+def _fastsgd_float32_step(workload, threads, model):
+    """fastsgd's float32 step of a 16-bit workload's shapes (targets compare
+    the 16-bit steps with it)."""
+    if _dtype(workload.dtype).itemsize != 2 or workload.master_weights:
+        return None
+    float32 = Model([v.astype(np.float32) for v in model.values],
+                    [g.astype(np.float32) for g in model.grads])
+    return _fastsgd_step(workload, threads, float32, _FastsgdFloat32)
+
+
+class _FastsgdFloat32(fastsgd.SGD):
+    """fastsgd.SGD, as a peer of its own 16-bit steps."""
 
 
 def _reference_step(workload, threads, model):
-    if threads != 1:
+    if threads != 1 or workload.master_weights:
         return None
     copied = Model([v.copy() for v in model.values], [g.copy() for g in model.grads])
     return _fastsgd_step(workload, 1, copied, reference.SGD)
@@ -122,6 +177,13 @@ def _reference_step(workload, threads, model):
 def _roofline_step(workload, threads, model, read_objects=False):
     fastsgd.set_num_threads(threads)
     opt = model.fastsgd_optimizer
+    if workload.master_weights:
+        if opt is None or read_objects:
+            return None
+        params = opt.param_groups[0]["params"]
+        return _native.Roofline(params, model.grads,
+                                [opt.state[p]["momentum_buffer"] for p in params],
+                                masters=[opt.state[p]["master_param"] for p in params])
     if opt is not None:
         params = opt.param_groups[0]["params"]
         buffers = [opt.state[p]["momentum_buffer"] for p in params] if opt.state else []
@@ -137,21 +199,61 @@ def _objects_roofline_step(workload, threads, model):
     return _roofline_step(workload, threads, model, read_objects=True)
 
 
+def _to_torch(torch, array):
+    """A torch tensor holding a copy of array (16-bit ones through int16)."""
+    if array.dtype.itemsize == 2 and array.dtype != np.int16:
+        torch_dtype = torch.float16 if array.dtype == np.float16 else torch.bfloat16
+        return torch.from_numpy(array.view(np.int16).copy()).view(torch_dtype)
+    return torch.from_numpy(array.copy())
+
+
 def _torch_step(mode):
     def setup(workload, threads, model):
         try:
             import torch
         except ImportError:
             return None
+        half = _dtype(workload.dtype).itemsize == 2
+        if workload.master_weights or (half and mode == "fused"):
+            return None  # torch 2.13's fused SGD does not write 16-bit params
         torch.set_num_threads(threads)
-        params = [torch.nn.Parameter(torch.from_numpy(v.copy())) for v in model.values]
+        params = [torch.nn.Parameter(_to_torch(torch, v)) for v in model.values]
         for p, g in zip(params, model.grads):
-            p.grad = torch.from_numpy(g.copy())
+            p.grad = _to_torch(torch, g)
         implementation = {mode: True} if mode else {"foreach": False}
         opt = torch.optim.SGD(params, **workload.options, **implementation)
         opt.step()
         return opt.step
     return setup
+
+
+def _torch_chain_step(workload, threads, model):
+    """torch doing a master-weights step: float32 params and grads (the
+    16-bit grads converted), GradScaler("cpu") with fused SGD, which unscales
+    and checks within its step, then the 16-bit params copied from them."""
+    if not workload.master_weights:
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    halves = [_to_torch(torch, v) for v in model.values]
+    params = [torch.nn.Parameter(h.float()) for h in halves]
+    for p, g in zip(params, model.grads):
+        p.grad = _to_torch(torch, g).float()
+    opt = torch.optim.SGD(params, **workload.options, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1 << 30)
+    scaler.scale(torch.ones(()))
+    masters = [p.detach() for p in params]
+
+    def step():
+        scaler.step(opt)
+        scaler.update()
+        torch._foreach_copy_(halves, masters)
+    step()
+    step.halves = halves  # for tests
+    return step
 
 
 PEERS = {
@@ -162,6 +264,8 @@ PEERS = {
     "torch foreach": _torch_step("foreach"),
     "torch fused": _torch_step("fused"),
     "reference": _reference_step,
+    "fastsgd f32": _fastsgd_float32_step,
+    "torch chain": _torch_chain_step,
 }
 
 
@@ -281,7 +385,8 @@ def measure_together(steps, budget_s, min_rounds=15, max_rounds=200, before_samp
 _SLOW_PEERS = ("reference",)
 # The peers of the targets' ratios (and both thread counts of each): sampled
 # back to back in each round, apart from torch's slower for-loop and foreach.
-_BACK_TO_BACK_PEERS = ("fastsgd", "roofline", "roofline reading objects", "torch fused")
+_BACK_TO_BACK_PEERS = ("fastsgd", "roofline", "roofline reading objects", "torch fused",
+                       "fastsgd f32", "torch chain")
 # Rounds of those peers alone after the rounds of all: back to back, their
 # per-round ratios still scatter widely on this VM (fastsgd vs the roofline
 # on W3 at 1 thread from 0.34 to 2.12 within one run's 15 rounds, whose
@@ -315,7 +420,8 @@ def run(workloads=None, threads=(1, 2), peers=None, budget_s=0.5, progress=sys.s
     groups run minutes apart, this VM's drift moved W2's roofline from 1.1x
     to 2.4x).  cache, if given, is the state every sample starts from
     ("cold" or "warm") instead of each workload's own."""
-    workloads = [w for w in WORKLOADS if workloads is None or w.name in workloads]
+    workloads = [w for w in WORKLOADS if (workloads is None or w.name in workloads)
+                 and _dtype(w.dtype) is not None]  # bfloat16 needs ml_dtypes
     peers = list(PEERS) if peers is None else peers
     flush = None  # made when first needed: it holds twice the last-level cache
     results = []

@@ -230,3 +230,31 @@ def test_steal_share_is_the_stolen_part_of_the_cpu_time_between_two_readings():
     assert bench.steal_share((10, 1000), (60, 1200)) == 0.25
     assert bench.steal_share(None, (60, 1200)) is None
     assert bench.steal_share((10, 1000), (10, 1000)) is None  # no time passed
+
+
+def test_half_precision_peers_step_the_same_numbers():
+    """The 16-bit and master-weights workloads' peers run, and fastsgd's
+    master-weights step with GradScaler leaves the 16-bit params torch's
+    chain (float32 params, GradScaler, fused SGD, copy back) leaves."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("ml_dtypes")
+    for dtype in ("float16", "bfloat16"):
+        workload = bench.Workload("T", "test", [(33,), (4, 5)], dtype, master_weights=True)
+        model = bench.Model(*bench._model(workload))
+        fast = bench.PEERS["fastsgd"](workload, 1, model)
+        roofline = bench.PEERS["roofline"](workload, 1, model)
+        chain_model = bench.Model(*bench._model(workload))
+        chain = bench.PEERS["torch chain"](workload, 1, chain_model)
+        assert bench.PEERS["torch fused"](workload, 1, model) is None
+        for _ in range(2):
+            fast()
+            chain()
+        params = model.fastsgd_optimizer.param_groups[0]["params"]
+        copies = chain.halves
+        for p, h in zip(params, copies):
+            np.testing.assert_array_equal(np.asarray(p).view(np.uint16),
+                                          h.view(torch.int16).numpy().view(np.uint16))
+        roofline()
+        plain = bench.Workload("T", "test", [(33,), (4, 5)], dtype)
+        for peer in ("fastsgd", "fastsgd f32", "torch for-loop", "torch foreach", "reference"):
+            bench.PEERS[peer](plain, 1, bench.Model(*bench._model(plain)))()
