@@ -381,6 +381,8 @@ def measure_together(steps, budget_s, min_rounds=15, max_rounds=200, before_samp
     return samples
 
 
+# Peers of the 16-bit workloads only: the table has their columns only then.
+_HALF_PEERS = ("fastsgd f32", "torch chain")
 # Takes seconds per step on the large workloads: a few samples, on its own.
 _SLOW_PEERS = ("reference",)
 # The peers of the targets' ratios (and both thread counts of each): sampled
@@ -520,7 +522,8 @@ def table(results, columns=None):
     columns, if given, names the columns to keep (by their header)."""
     paired = _Paired(results)
     rooflines = [p for p in PEERS if p.startswith("roofline")]
-    peers = [p for p in PEERS if p != "fastsgd" and p not in rooflines]
+    peers = [p for p in PEERS if p != "fastsgd" and p not in rooflines
+             and (p not in _HALF_PEERS or any(r["peer"] == p for r in results))]
     header = (["workload", "threads", "fastsgd", "GB/s"] + [f"% of {p}" for p in rooflines]
               + [f"x vs {p}" for p in peers])
     kept = [i for i, name in enumerate(header) if columns is None or name in columns]
