@@ -51,6 +51,25 @@ HALF_AVX2 __m256 f32x8_nan_first(__m256 c, __m256 r)
     return _mm256_blendv_ps(r, c, _mm256_cmp_ps(c, c, _CMP_UNORD_Q));
 }
 
+/* bfloat16 kept in float32 lanes between ops: rounded to nearest even in
+ * place (low 16 bits cleared, every NaN 0xFFFF0000), packed on store. */
+HALF_AVX2 __m256 bf16x8_round_in_lane(__m256 f)
+{
+    const __m256i u = _mm256_castps_si256(f);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_and_si256(
+        _mm256_add_epi32(_mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)), u),
+        _mm256_set1_epi32((int)0xFFFF0000u));
+    const __m256 nan = _mm256_cmp_ps(f, f, _CMP_UNORD_Q);
+    return _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(
+                                _mm256_set1_epi32((int)0xFFFF0000u)), nan);
+}
+HALF_AVX2 __m128i bf16x8_pack(__m256 f)
+{
+    const __m256i r = _mm256_srli_epi32(_mm256_castps_si256(f), 16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
 HALF_AVX2 __m256 f32x8_load(const float *p) { return _mm256_loadu_ps(p); }
 HALF_AVX2 void f32x8_store(float *p, __m256 v) { _mm256_storeu_ps(p, v); }
 HALF_AVX2 __m256 f32x8_negate(__m256 v) { return _mm256_xor_ps(v, _mm256_set1_ps(-0.0f)); }
@@ -88,6 +107,22 @@ HALF_AVX512 __m256i bf16x16_round(__m512 f)
 HALF_AVX512 __m512 f32x16_nan_first(__m512 c, __m512 r)
 {
     return _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(c, c, _CMP_UNORD_Q), c);
+}
+
+HALF_AVX512 __m512 bf16x16_round_in_lane(__m512 f)
+{
+    const __m512i u = _mm512_castps_si512(f);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_and_si512(
+        _mm512_add_epi32(_mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)), u),
+        _mm512_set1_epi32((int)0xFFFF0000u));
+    const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32((int)0xFFFF0000u));
+    return _mm512_castsi512_ps(r);
+}
+HALF_AVX512 __m256i bf16x16_pack(__m512 f)
+{
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(f), 16));
 }
 
 HALF_AVX512 __m512 f32x16_load(const float *p) { return _mm512_loadu_ps(p); }

@@ -160,6 +160,8 @@ static inline __attribute__((always_inline)) double fastsgd_negate_f64(double x)
 #define VEC_F16_ROUND f16x16_round
 #define VEC_BF16_WIDEN bf16x16_widen
 #define VEC_BF16_ROUND bf16x16_round
+#define VEC_BF16_ROUND_IN_LANE bf16x16_round_in_lane
+#define VEC_BF16_PACK bf16x16_pack
 #elif IMPL_VEC16 == 2
 #define VEC_WIDTH 8
 #define VEC_F __m256
@@ -178,6 +180,8 @@ static inline __attribute__((always_inline)) double fastsgd_negate_f64(double x)
 #define VEC_F16_ROUND f16x8_round
 #define VEC_BF16_WIDEN bf16x8_widen
 #define VEC_BF16_ROUND bf16x8_round
+#define VEC_BF16_ROUND_IN_LANE bf16x8_round_in_lane
+#define VEC_BF16_PACK bf16x8_pack
 #endif
 
 #define HALF_NAME f16
@@ -226,6 +230,8 @@ static inline __attribute__((always_inline)) double fastsgd_negate_f64(double x)
 #undef VEC_F16_ROUND
 #undef VEC_BF16_WIDEN
 #undef VEC_BF16_ROUND
+#undef VEC_BF16_ROUND_IN_LANE
+#undef VEC_BF16_PACK
 #endif
 
 #undef SGD_TARGET
