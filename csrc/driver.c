@@ -124,12 +124,19 @@ static void run_span(const fastsgd_impl *impl, int dtype, run_job *job,
         char *b = list->bufs ? (char *)list->bufs[t] + (size_t)lo * bs : NULL;
         char *master = list->masters ? (char *)list->masters[t] + (size_t)lo * bs : NULL;
         const int flags = list->buf_is_new ? list->buf_is_new[t] : 0;
-        /* torch's vector body ends where the tensor's last n % 32 begin */
-        const int64_t body_end = list->sizes[t] - list->sizes[t] % FASTSGD_HALF_CHUNK;
-        const int64_t n_body = body_end <= lo ? 0 : body_end >= hi ? hi - lo : body_end - lo;
+        if (job->mode == RUN_SGD) {
+            /* 16-bit: torch's vector body ends where the tensor's last
+             * n % 32 begin */
+            int64_t n_body = hi - lo;
+            if (es == 2) {
+                const int64_t body_end = list->sizes[t] - list->sizes[t] % FASTSGD_HALF_CHUNK;
+                n_body = body_end <= lo ? 0 : body_end >= hi ? hi - lo : body_end - lo;
+            }
+            impl->sgd[dtype](job->h, p, g, b, hi - lo, flags, n_body);
+            continue;
+        }
         switch (job->mode) {
         case RUN_SGD:
-            impl->sgd[dtype](job->h, p, g, b, hi - lo, flags, n_body);
             break;
         case RUN_STREAM:
             impl->stream[dtype](p, g, b, hi - lo);

@@ -101,10 +101,13 @@ cdef inline int check_float_array(object x, str what, Py_ssize_t group_index,
 # Rule: a grad or buffer matches its parameter in shape, dtype and memory
 # order: the kernel walks all three as one flat run of elements.
 cdef inline bint is_like(array_ptr p, PyObject *x, bint must_write) noexcept nogil:
-    if not is_float_array(x, must_write):
+    """(p passed is_float_array: an array of its type number is of a kernel's dtype.)"""
+    if not is_array(x):
         return False
     cdef array_ptr a = <array_ptr>x
-    if a.descr.type_num != p.descr.type_num or a.nd != p.nd:
+    cdef int need = cnp.NPY_ARRAY_ALIGNED | (cnp.NPY_ARRAY_WRITEABLE if must_write else 0)
+    if (a.descr.type_num != p.descr.type_num or a.nd != p.nd or (a.flags & need) != need
+            or a.descr.byteorder == NPY_OPPBYTE):
         return False
     cdef int d
     for d in range(p.nd):
