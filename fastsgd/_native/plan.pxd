@@ -36,6 +36,7 @@ cdef class GroupPlan:
     cdef Py_ssize_t cross_dtype_alias  # a param sharing memory with one of another dtype, or -1
     cdef Owners owners  # of the memory of the params and buffers serial was decided on
     cdef tuple batches  # a Batch per kernel dtype (FASTSGD_*)
+    cdef int in_use  # bit d set: batches[d] may hold tensors (until clear_batches)
     cdef readonly list new_buffers
     cdef readonly list new_masters  # [(position, master)] this step creates (master weights)
     cdef list master_arrays  # the masters and buffers of a master-weights step, twice each
@@ -81,4 +82,6 @@ cdef class GroupPlan:
         return <Batch>PyTuple_GET_ITEM(self.batches, dtype)
 
     cdef inline Batch batch_of(self, PyObject *param):
-        return self.batch(dtype_of(<array_ptr>param))
+        cdef int dtype = dtype_of(<array_ptr>param)
+        self.in_use |= 1 << dtype
+        return self.batch(dtype)

@@ -181,23 +181,28 @@ cdef class GroupPlan:
         self.hyper.nesterov = flag_option(options, "nesterov", group_index)
         self.hyper.maximize = flag_option(options, "maximize", group_index)
         self.with_momentum = self.hyper.momentum != 0.0
-        self.master_weights = flag_option(options, "master_weights", group_index) \
-            if "master_weights" in options else False
+        # present only when True (fastsgd.SGD): one lookup
+        self.master_weights = (PyDict_GetItem(options, "master_weights") != NULL
+                               and flag_option(options, "master_weights", group_index))
         return 0
 
     cdef void clear_batches(self) noexcept:
         cdef int d
+        cdef Batch batch
         for d in range(FASTSGD_NDTYPES):
-            self.batch(d).clear()
+            if self.in_use & (1 << d):
+                batch = self.batch(d)
+                batch.clear()
+                batch.with_masters = False
+        self.in_use = 0
 
     cdef int reset(self, Py_ssize_t n) except -1:
         self.clear_batches()
+        cdef int d
         if n > self.batch(0).capacity:
             self.staged = <int64_t *>grow(self.staged, n * sizeof(int64_t))
-        cdef int d
-        for d in range(FASTSGD_NDTYPES):
-            self.batch(d).reserve(n)
-            self.batch(d).with_masters = False
+            for d in range(FASTSGD_NDTYPES):
+                self.batch(d).reserve(n)
         if self.new_buffers:
             del self.new_buffers[:]
         if self.new_masters:
@@ -357,6 +362,7 @@ cdef class GroupPlan:
         if kernels.parallel_ranges(n, MIN_TENSORS_PER_STAGING_THREAD, _stage_range,
                                    &job) <= 1:
             return False
+        self.in_use |= job.found & ((1 << FASTSGD_NDTYPES) - 1)
         cdef Batch batch
         cdef int64_t result
         cdef int layout = job.found & ~(_FOUND_ALIAS * ((1 << FASTSGD_NDTYPES) - 1))
@@ -428,6 +434,9 @@ cdef class GroupPlan:
         cdef int d
         cdef Batch batch
         for d in range(FASTSGD_NDTYPES):
+            lists[d].ntensors = 0
+            if not self.in_use & (1 << d):
+                continue
             batch = self.batch(d)
             lists[d] = batch.as_list(self.with_momentum)
             masters[d] = batch.with_masters
@@ -470,10 +479,10 @@ cdef class GroupPlan:
         cdef Py_ssize_t i
         cdef Batch batch
         cdef bint later_step
-        for d in (FASTSGD_F16, FASTSGD_BF16):
-            batch = self.batch(d)
-            if batch.count == 0:
+        for d in range(FASTSGD_F16, FASTSGD_NDTYPES):  # float16, bfloat16
+            if not self.in_use & (1 << d):
                 continue
+            batch = self.batch(d)
             if self.hyper.weight_decay != 0.0:
                 check_alpha_fits(self.hyper.weight_decay, d, "weight_decay", group_index)
             if self.with_momentum:
@@ -563,7 +572,7 @@ cdef class GroupPlan:
         cdef fastsgd_tensor_list lst
         cdef int d
         cdef bint finite = True
-        for d in (FASTSGD_F16, FASTSGD_BF16):
+        for d in range(FASTSGD_F16, FASTSGD_NDTYPES):  # float16, bfloat16
             lst = self.batch(d).as_list(self.with_momentum)
             if lst.ntensors:
                 with nogil:
