@@ -122,9 +122,8 @@ static void run_span(const fastsgd_impl *impl, int dtype, run_job *job,
         char *p = (char *)list->params[t] + (size_t)lo * es;
         const char *g = (const char *)list->grads[t] + (size_t)lo * es;
         char *b = list->bufs ? (char *)list->bufs[t] + (size_t)lo * bs : NULL;
-        char *master = list->masters ? (char *)list->masters[t] + (size_t)lo * bs : NULL;
         const int flags = list->buf_is_new ? list->buf_is_new[t] : 0;
-        if (job->mode == RUN_SGD) {
+        if (job->mode == RUN_SGD) {  /* a step's path, first */
             /* 16-bit: torch's vector body ends where the tensor's last
              * n % 32 begin */
             int64_t n_body = hi - lo;
@@ -135,6 +134,7 @@ static void run_span(const fastsgd_impl *impl, int dtype, run_job *job,
             impl->sgd[dtype](job->h, p, g, b, hi - lo, flags, n_body);
             continue;
         }
+        char *master = list->masters ? (char *)list->masters[t] + (size_t)lo * bs : NULL;
         switch (job->mode) {
         case RUN_SGD:
             break;

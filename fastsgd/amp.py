@@ -159,14 +159,15 @@ class GradScaler:
             raise RuntimeError("step() has already been called since the last update().")
         if (optimizer_state["stage"] is OptState.READY
                 and getattr(optimizer, "_step_supports_amp_scaling", False)):
-            optimizer._amp_inv_scale = self._inv_scale()
+            stepper = optimizer._stepper
+            stepper.amp_inv_scale, stepper.amp_unscale = self._inv_scale(), True
+            stepper.amp_skipped = False
             try:
                 retval = optimizer.step(*args, **kwargs)
-                found = optimizer._amp_found_inf
             finally:
-                optimizer.__dict__.pop("_amp_inv_scale", None)
-                optimizer.__dict__.pop("_amp_found_inf", None)
-            optimizer_state["found_inf_per_device"] = {self._device: np.float32(found)}
+                stepper.amp_unscale = False
+            found = np.float32(stepper.amp_skipped)
+            optimizer_state["found_inf_per_device"] = {self._device: found}
             optimizer_state["stage"] = OptState.STEPPED
             return retval
         if optimizer_state["stage"] is OptState.READY:

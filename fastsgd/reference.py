@@ -285,13 +285,14 @@ class SGD(_NativeSGD):
             loss = closure()
         self._stepper.validate(self.param_groups, self.state)
         fma = self.fma if self.fma is not None else _native_rounding_is_fused()
-        inv_scale = self._amp_inv_scale  # GradScaler's, with master weights
-        if inv_scale is not None:
+        inv_scale = None
+        if self._stepper.amp_unscale:  # GradScaler's request, with master weights
+            inv_scale = self._stepper.amp_inv_scale
             grads = [p.grad for group in self.param_groups for p in group["params"]
                      if p.grad is not None]
-            self._amp_found_inf = float(not all(np.isfinite(g.astype(np.float32)).all()
-                                                for g in grads))
-            if self._amp_found_inf:
+            self._stepper.amp_skipped = not all(np.isfinite(g.astype(np.float32)).all()
+                                                for g in grads)
+            if self._stepper.amp_skipped:
                 return loss
         for group in self.param_groups:
             params = group["params"]

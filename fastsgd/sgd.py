@@ -97,7 +97,8 @@ class SGD(Optimizer):
     def _step_supports_amp_scaling(self):
         """GradScaler's protocol (as torch's fused optimizers): when every
         group has master weights, the step unscales and checks the grads
-        itself (``_amp_inv_scale`` in, ``_amp_found_inf`` out)."""
+        itself (GradScaler sets ``_stepper.amp_unscale`` and
+        ``amp_inv_scale``, and reads ``amp_skipped``)."""
         return all(group.get("master_weights") for group in self.param_groups)
 
     def step(self, closure=None):
@@ -111,15 +112,8 @@ class SGD(Optimizer):
         if closure is not None:
             loss = closure()
 
-        inv_scale = self._amp_inv_scale
-        if inv_scale is None:
-            self._stepper.step(self.param_groups, self.state)
-        else:
-            stepped = self._stepper.step(self.param_groups, self.state, inv_scale)
-            self._amp_found_inf = 0.0 if stepped else 1.0
+        self._stepper.step(self.param_groups, self.state)
         return loss
-
-    _amp_inv_scale = None  # set by GradScaler.step around a step (see above)
 
     # --------------------------------------------------- master weights
 

@@ -10,7 +10,7 @@ on the calling thread, where the rules can explain themselves.
 import numpy as np
 
 cimport numpy as cnp
-from cpython.dict cimport PyDict_Check, PyDict_GetItem
+from cpython.dict cimport PyDict_Check, PyDict_GetItem, PyDict_GetItemWithError
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.mem cimport PyMem_Free
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
@@ -182,7 +182,7 @@ cdef class GroupPlan:
         self.hyper.maximize = flag_option(options, "maximize", group_index)
         self.with_momentum = self.hyper.momentum != 0.0
         # present only when True (fastsgd.SGD): one lookup
-        self.master_weights = (PyDict_GetItem(options, "master_weights") != NULL
+        self.master_weights = (PyDict_GetItemWithError(options, "master_weights") != NULL
                                and flag_option(options, "master_weights", group_index))
         return 0
 

@@ -10,7 +10,7 @@ from cpython.dict cimport PyDict_GetItemWithError
 from cpython.long cimport PyLong_AsDouble
 from cpython.object cimport PyObject
 
-from fastsgd._native.kernels cimport FASTSGD_BF16, FASTSGD_F16, FASTSGD_F32
+from fastsgd._native.kernels cimport FASTSGD_BF16, FASTSGD_F16, FASTSGD_F32, FASTSGD_F64
 from fastsgd._native.objects cimport (DENSE, NPY_OPPBYTE, array_ptr, is_array, itemsize,
                                       kernel_dtype, refresh_bfloat16, size_of)
 
@@ -166,14 +166,20 @@ cdef inline Py_ssize_t steps_as_is(PyObject *param, PyObject *grad,
                                    PyObject *buf) noexcept nogil:
     """The number of elements of param when the tensor passes every rule,
     else -1."""
-    if not is_float_array(param, True):
+    if not is_array(param):
         return -1
     cdef array_ptr p = <array_ptr>param
+    # is_float_array, with the dtype found once
+    cdef int dtype = kernel_dtype(p)
+    cdef int need = cnp.NPY_ARRAY_ALIGNED | cnp.NPY_ARRAY_WRITEABLE
+    if dtype < 0 or (p.flags & need) != need or p.descr.byteorder == NPY_OPPBYTE:
+        return -1
     if not (p.flags & DENSE) or not is_like(p, grad, False):
         return -1
     cdef array_ptr g = <array_ptr>grad
     cdef Py_ssize_t size = size_of(p)
-    cdef Py_ssize_t nbytes = size * itemsize(p)
+    cdef Py_ssize_t nbytes = size * (4 if dtype == FASTSGD_F32 else 8 if dtype == FASTSGD_F64
+                                     else 2)
     if not (g.data == p.data or apart(p, g, nbytes)):
         return -1
     if buf == NULL:

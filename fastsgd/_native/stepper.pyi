@@ -7,8 +7,10 @@ from typing_extensions import disjoint_base
 
 @disjoint_base
 class SGDStepper:
-    def step(self, param_groups: list[dict[str, Any]], state: Any,
-             inv_scale: float | None = None) -> bool: ...
+    amp_unscale: bool
+    amp_inv_scale: float
+    amp_skipped: bool
+    def step(self, param_groups: list[dict[str, Any]], state: Any) -> None: ...
     def validate(self, param_groups: list[dict[str, Any]], state: Any) -> None: ...
 
 def sgd(params: Iterable[np.ndarray], grads: Iterable[np.ndarray | None],

@@ -21,6 +21,12 @@ cdef class SGDStepper:
     cdef list plans
     cdef PyThread_type_lock lock
     cdef unsigned long holder  # the thread that holds the lock, else 0
+    # GradScaler's request for the next steps (every group has master
+    # weights): check every grad for inf/NaN before writing anything, skip
+    # the step if one is (amp_skipped), else unscale by amp_inv_scale within it
+    cdef public bint amp_unscale
+    cdef public float amp_inv_scale
+    cdef public bint amp_skipped
 
     def __cinit__(self):
         self.plans = []
@@ -32,15 +38,13 @@ cdef class SGDStepper:
         if self.lock != NULL:
             PyThread_free_lock(self.lock)
 
-    def step(self, list param_groups, object state, inv_scale=None):
-        """Validate every group, then update every group.  With inv_scale
-        (GradScaler's inverse scale; every group has master weights), every
-        grad is first checked: if one is inf or NaN, nothing is written, no
-        state created, and False returned; else the grads are multiplied by
-        inv_scale within the step."""
-        if inv_scale is None:
-            return self._locked(param_groups, state, True, False, 1.0) == 1
-        return self._locked(param_groups, state, True, True, inv_scale) == 1
+    def step(self, list param_groups, object state):
+        """Validate every group, then update every group (see amp_unscale)."""
+        if self.amp_unscale:
+            self.amp_skipped = not self._locked(param_groups, state, True, True,
+                                                self.amp_inv_scale)
+        else:
+            self._locked(param_groups, state, True, False, 1.0)
 
     def validate(self, list param_groups, object state):
         """Raise what step() would raise, writing nothing."""
