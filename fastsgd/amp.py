@@ -14,6 +14,7 @@ float16 grads: "Attempting to unscale FP16 gradients.").
 """
 from collections import abc, defaultdict
 from enum import Enum
+from typing import Any
 
 import numpy as np
 
@@ -74,13 +75,13 @@ class GradScaler:
             if backoff_factor >= 1.0:
                 raise AssertionError("The backoff factor must be < 1.0.")
             self._init_scale = init_scale
-            self._scale = None  # a float32, set by the first scale()
+            self._scale: Any = None  # a float32, set by the first scale()
             self._growth_factor = growth_factor
             self._backoff_factor = backoff_factor
             self._growth_interval = growth_interval
             self._init_growth_tracker = 0
-            self._growth_tracker = None
-            self._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
+            self._growth_tracker: Any = None
+            self._per_optimizer_states: defaultdict = defaultdict(_refresh_per_optimizer_state)
 
     def _check_scale_growth_tracker(self, funcname):
         fix = ("This may indicate your script did not use scaler.scale(loss or outputs) "

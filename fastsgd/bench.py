@@ -252,7 +252,7 @@ def _torch_chain_step(workload, threads, model):
         scaler.update()
         torch._foreach_copy_(halves, masters)
     step()
-    step.halves = halves  # for tests
+    step.halves = halves  # type: ignore[attr-defined]  # for tests
     return step
 
 

@@ -342,8 +342,7 @@ class Optimizer:
                 state_dict = hook_result
         return state_dict
 
-    @staticmethod
-    def _cast_state_value(param, value, key):
+    def _cast_state_value(self, param, value, key):
         """An array of the state as the optimizer keeps it.
 
         Arrays take the parameter's dtype (``step`` excepted), as in torch.

@@ -241,6 +241,7 @@ def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_deca
     for i, (p, g) in enumerate(zip(params, grads)):
         if g is None:
             continue
+        ops: Float | Half16
         if masters is not None:
             half = Half16(p, fma)
             if masters[i] is None:

@@ -130,7 +130,7 @@ class SGD(Optimizer):
             return cast
         return super()._cast_state_value(param, value, key)
 
-    _loading_masters = frozenset()
+    _loading_masters: frozenset = frozenset()
 
     def load_state_dict(self, state_dict):
         """torch's load_state_dict; groups with master weights keep them (a

@@ -146,7 +146,7 @@ def test_grid(kernel, cap, dtype, options):
             for opt in (fast_opt, ref_opt, torch_opt):
                 opt.param_groups[0]["lr"] = lr * 0.3
         for twins in (base, head):
-            twins.set_grads(rng, lambda i: (i + step) % 3 != 0)
+            twins.set_grads(rng, lambda i, step=step: (i + step) % 3 != 0)
         for opt in (fast_opt, ref_opt, torch_opt):
             opt.step()
         for twins in (base, head):

@@ -877,7 +877,8 @@ add("buffer_wrong_dtype", """
 """)
 add("buffer_int_dtype", """
     opt.state[P1[2]]["momentum_buffer"] = np.zeros((), np.int64)
-    expect_error(TypeError, W(1, 2) + "momentum_buffer must be float32, float64, float16 or bfloat16, but got int64")
+    expect_error(TypeError, W(1, 2) + "momentum_buffer must be float32, float64, float16 "
+                                      "or bfloat16, but got int64")
 """)
 add("buffer_is_a_list", """
     opt.state[P1[0]]["momentum_buffer"] = [0.0] * 5

@@ -8,3 +8,4 @@ def parallel_staging_count() -> int: ...
 @disjoint_base
 class GroupPlan:
     new_buffers: list[tuple[int, object]]
+    new_masters: list[tuple[int, object]]

@@ -18,7 +18,7 @@ from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from fastsgd._native cimport kernels
 from fastsgd._native.batch cimport (StagingJob, dtype_of, grow, hold_shared, may_alias,
                                     or_shared, put_entry)
-from fastsgd._native.kernels cimport (FASTSGD_BF16, FASTSGD_F16, FASTSGD_NDTYPES,
+from fastsgd._native.kernels cimport (FASTSGD_F16, FASTSGD_NDTYPES,
                                       FASTSGD_NEW_BUF, FASTSGD_NEW_MASTER, fastsgd_impl,
                                       fastsgd_tensor_list)
 from fastsgd._native.objects cimport (GRAD_OFFSET, PARAMETER_TYPE, PyListObject,
@@ -363,7 +363,6 @@ cdef class GroupPlan:
                                    &job) <= 1:
             return False
         self.in_use |= job.found & ((1 << FASTSGD_NDTYPES) - 1)
-        cdef Batch batch
         cdef int64_t result
         cdef int layout = job.found & ~(_FOUND_ALIAS * ((1 << FASTSGD_NDTYPES) - 1))
         cdef int only = -1  # the one dtype found, if one
