@@ -689,3 +689,17 @@ def test_checkpoint_keeps_16_bit_state(tmp_path):
         buf = back["opt"]["state"][i]["momentum_buffer"]
         assert buf.dtype == arr.dtype
         np.testing.assert_array_equal(bits(buf), bits(opt.state[arr]["momentum_buffer"]))
+
+
+def test_rooflines_of_16_bit_steps():
+    """The benchmark's rooflines take bfloat16 Parameters (reading their
+    objects, too) and master weights."""
+    params = [fastsgd.Parameter(np.ones(40, ml_dtypes.bfloat16)) for _ in range(3)]
+    for p in params:
+        p.grad = np.ones(40, ml_dtypes.bfloat16)
+    buffers = [np.zeros(40, ml_dtypes.bfloat16) for _ in params]
+    fastsgd._native.Roofline(params, [p.grad for p in params], buffers, True)()
+    masters = [np.ones(40, np.float32) for _ in params]
+    fastsgd._native.Roofline(params, [p.grad for p in params],
+                             [np.zeros(40, np.float32) for _ in params], masters=masters)()
+    assert all(np.isfinite(p.astype(np.float32)).all() for p in params)

@@ -12,7 +12,7 @@ from fastsgd._native cimport kernels
 from fastsgd._native.batch cimport Batch, StagingJob, dtype_of, put_entry
 from fastsgd._native.kernels cimport FASTSGD_NDTYPES
 from fastsgd._native.objects cimport (GRAD_OFFSET, PyListObject, array_ptr, grad_slot,
-                                      init_objects, size_of)
+                                      init_objects, refresh_bfloat16, size_of)
 from fastsgd._native.plan cimport MIN_TENSORS_PER_STAGING_THREAD, GroupPlan
 
 from fastsgd.parameter import Parameter
@@ -44,6 +44,7 @@ cdef class Roofline:
     cdef dict master_state  # with masters: the state the plan found them in
 
     def __init__(self, params, grads, momentum_buffers, read_objects=False, masters=None):
+        refresh_bfloat16()  # this module's dtype_of recognises bfloat16 from now on
         self.params = list(params)
         self.plan = GroupPlan()
         if masters is not None:
