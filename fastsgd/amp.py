@@ -148,7 +148,7 @@ class GradScaler:
         optimizer_state["stage"] = OptState.UNSCALED
 
     def step(self, optimizer, *args, **kwargs):
-        """Unscale the grads (unless unscale_ did) and step the optimizer if
+        """Unscale the grads (unless ``unscale_`` did) and step the optimizer if
         none is inf or NaN; returns what optimizer.step returned, or None."""
         if not self._enabled:
             return optimizer.step(*args, **kwargs)
