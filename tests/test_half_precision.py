@@ -16,6 +16,7 @@ import zlib
 
 import numpy as np
 import pytest
+from test_parity import OPTIONS, option_id
 
 import fastsgd
 from fastsgd import reference
@@ -37,23 +38,6 @@ TORCH_DTYPE = {DTYPES[0]: torch.float16, DTYPES[1]: torch.bfloat16}
 # across torch's vector body and its scalar remainder (n % 32)
 SHAPES = [(0,), (1,), (7,), (31,), (32,), (33,), (63,), (64,), (65,), (1000,), (100003,),
           (3, 5, 7), (2, 0, 3), ()]
-
-OPTIONS = [
-    dict(momentum=momentum, dampening=dampening, nesterov=nesterov,
-         weight_decay=weight_decay, maximize=maximize)
-    for momentum in (0.0, 0.9)
-    for dampening in (0.0, 0.3)
-    for nesterov in (False, True)
-    for weight_decay in (0.0, 1e-3)
-    for maximize in (False, True)
-    if not (nesterov and (momentum == 0 or dampening != 0))
-    and not (momentum == 0 and dampening != 0)
-]
-
-
-def option_id(options):
-    return "-".join(f"{k}={v}" for k, v in options.items())
-
 
 def bits(x):
     """The 16-bit patterns of a numpy array or a torch tensor."""

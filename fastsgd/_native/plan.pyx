@@ -224,12 +224,7 @@ cdef class GroupPlan:
         elif buf is None:
             if steps_as_is(<PyObject *>param, <PyObject *>grad, NULL) < 0:
                 explain_rejection(param, grad, None, group_index, index)
-            # Not np.empty_like: it dispatches to a subclass's
-            # __array_function__, which may return anything.
-            buf = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>param),
-                                    cnp.PyArray_DIMS(<cnp.ndarray>param),
-                                    cnp.PyArray_TYPE(<cnp.ndarray>param),
-                                    not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>param))
+            buf = _empty_like(param, cnp.PyArray_TYPE(<cnp.ndarray>param))
             buf_is_new = True
             self.new_buffers.append((index, buf))
         # Checked after the last Python code above could run (a lookup's
@@ -391,10 +386,7 @@ cdef class GroupPlan:
                           Py_ssize_t group_index) except -1:
         """Everything the steady state does not cover: other types, first
         steps, buffers looked up per step, and rejections."""
-        if not isinstance(param, Parameter):
-            raise TypeError(f"{where(group_index, i)}: optimizer can only optimize "
-                            f"Parameters, but got {type(param).__name__}")
-        grad = grad_of(param)
+        grad = _grad_of_parameter(param, i, group_index)
         if grad is None:
             return 0
         buf = None
@@ -513,10 +505,7 @@ cdef class GroupPlan:
                           Py_ssize_t group_index) except -1:
         """Check one master-weights tensor and add it to its dtype's batch,
         with a new float32 master (and buffer) on its first step."""
-        if not isinstance(param, Parameter):
-            raise TypeError(f"{where(group_index, i)}: optimizer can only optimize "
-                            f"Parameters, but got {type(param).__name__}")
-        grad = grad_of(param)
+        grad = _grad_of_parameter(param, i, group_index)
         if grad is None:
             return 0
         refresh_bfloat16()
@@ -536,14 +525,14 @@ cdef class GroupPlan:
                 if earlier is not None:
                     master = earlier[0]
                 else:
-                    master = _float32_like(param)
+                    master = _empty_like(param, cnp.NPY_FLOAT32)
                     self.new_masters.append((i, master))
                     flags |= FASTSGD_NEW_MASTER
             if self.with_momentum and buf is None:
                 if earlier is not None and earlier[1] is not None:
                     buf = earlier[1]
                 else:
-                    buf = _float32_like(param)
+                    buf = _empty_like(param, cnp.NPY_FLOAT32)
                     self.new_buffers.append((i, buf))
                     flags |= FASTSGD_NEW_BUF
             pending[param] = (master, buf)
@@ -581,9 +570,18 @@ cdef class GroupPlan:
         return True
 
 
-cdef object _float32_like(object param):
-    """An uninitialised float32 array of param's shape and memory order
-    (not np.empty_like: a subclass's __array_function__ could answer)."""
+cdef object _grad_of_parameter(object param, Py_ssize_t i, Py_ssize_t group_index):
+    """param.grad, once param is known to be a Parameter."""
+    if not isinstance(param, Parameter):
+        raise TypeError(f"{where(group_index, i)}: optimizer can only optimize "
+                        f"Parameters, but got {type(param).__name__}")
+    return grad_of(param)
+
+
+cdef object _empty_like(object param, int typenum):
+    """An uninitialised array of param's shape and memory order, of type
+    typenum.  Not np.empty_like: it dispatches to a subclass's
+    __array_function__, which may return anything."""
     return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>param),
-                             cnp.PyArray_DIMS(<cnp.ndarray>param), cnp.NPY_FLOAT32,
+                             cnp.PyArray_DIMS(<cnp.ndarray>param), typenum,
                              not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>param))

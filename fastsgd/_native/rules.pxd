@@ -116,13 +116,9 @@ cdef inline bint is_like(array_ptr p, PyObject *x, bint must_write) noexcept nog
     return (a.flags & p.flags & DENSE) != 0
 
 
-cdef inline int check_like(cnp.ndarray param, object x, str what, Py_ssize_t group_index,
-                           Py_ssize_t index, bint must_write) except -1:
-    check_float_array(x, what, group_index, index, must_write)
-    cdef cnp.ndarray arr = <cnp.ndarray>x
-    if cnp.PyArray_TYPE(arr) != cnp.PyArray_TYPE(param):
-        raise TypeError(f"{where(group_index, index)}: {what} has dtype {arr.dtype}, "
-                        f"but the parameter has dtype {param.dtype}")
+cdef inline int check_layout(cnp.ndarray param, cnp.ndarray arr, str what,
+                             Py_ssize_t group_index, Py_ssize_t index) except -1:
+    """arr has param's shape and is contiguous in the same order."""
     cdef int ndim = cnp.PyArray_NDIM(param)
     cdef int d
     cdef bint same_shape = cnp.PyArray_NDIM(arr) == ndim
@@ -139,6 +135,16 @@ cdef inline int check_like(cnp.ndarray param, object x, str what, Py_ssize_t gro
         raise ValueError(f"{where(group_index, index)}: {what} must be contiguous in "
                          f"the same order as the parameter (C or Fortran)")
     return 0
+
+
+cdef inline int check_like(cnp.ndarray param, object x, str what, Py_ssize_t group_index,
+                           Py_ssize_t index, bint must_write) except -1:
+    check_float_array(x, what, group_index, index, must_write)
+    cdef cnp.ndarray arr = <cnp.ndarray>x
+    if cnp.PyArray_TYPE(arr) != cnp.PyArray_TYPE(param):
+        raise TypeError(f"{where(group_index, index)}: {what} has dtype {arr.dtype}, "
+                        f"but the parameter has dtype {param.dtype}")
+    return check_layout(param, arr, what, group_index, index)
 
 
 # Rule: a grad is its parameter or shares none of its memory (an element-wise
@@ -258,15 +264,7 @@ cdef inline int check_master_like(cnp.ndarray param, object x, str what, Py_ssiz
         raise TypeError(f"{where(group_index, index)}: {what} must be float32 with master "
                         f"weights, but got {(<cnp.ndarray>x).dtype}")
     check_float_array(x, what, group_index, index, True)
-    if (<object>x).shape != (<object>param).shape:
-        raise ValueError(f"{where(group_index, index)}: {what} has shape {(<object>x).shape}, "
-                         f"but the parameter has shape {(<object>param).shape}")
-    if not ((cnp.PyArray_IS_C_CONTIGUOUS(param) and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>x))
-            or (cnp.PyArray_IS_F_CONTIGUOUS(param)
-                and cnp.PyArray_IS_F_CONTIGUOUS(<cnp.ndarray>x))):
-        raise ValueError(f"{where(group_index, index)}: {what} must be contiguous in "
-                         f"the same order as the parameter (C or Fortran)")
-    return 0
+    return check_layout(param, <cnp.ndarray>x, what, group_index, index)
 
 
 cdef inline bint span_apart(array_ptr a, Py_ssize_t na, array_ptr b,
