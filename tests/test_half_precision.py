@@ -25,7 +25,6 @@ torch = pytest.importorskip("torch")
 torch_functional_sgd = pytest.importorskip("torch.optim.sgd").sgd
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
-torch.set_num_threads(1)
 TORCH_CAPABILITY = torch.backends.cpu.get_cpu_capability().lower()
 # torch's AVX2 and AVX-512 kernels round 16-bit tensors alike, and fastsgd's
 # avx2, avx512 and portable kernels all reproduce them; "default" its scalar code.
@@ -62,6 +61,16 @@ def grid_cases():
         cases.append(pytest.param(cap, dtype, options, marks=marks,
                                   id=f"{cap}-{dtype}-{option_id(options)}"))
     return cases
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """torch's 16-bit results depend on its thread count: the reference is 1.
+    Restored after, since other tests compare with torch at its own count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture
