@@ -116,8 +116,8 @@ CASES = {
                                    "but the parameter has shape (3,)"),
     grad_is_list: (TypeError, "param_groups[1]['params'][2]: grad must be a numpy array, "
                               "but got list"),
-    grad_is_int_array: (TypeError, "param_groups[1]['params'][2]: grad must be float32 or "
-                                   "float64, but got int64"),
+    grad_is_int_array: (TypeError, "param_groups[1]['params'][2]: grad must be float32, "
+                                   "float64, float16 or bfloat16, but got int64"),
     grad_non_contiguous: (ValueError, "param_groups[1]['params'][2]: grad must be contiguous "
                                       "in the same order as the parameter"),
     grad_partially_overlaps_param: (ValueError, "param_groups[1]['params'][2]: grad partially "

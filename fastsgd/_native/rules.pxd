@@ -98,6 +98,17 @@ cdef inline int check_float_array(object x, str what, Py_ssize_t group_index,
     return 0
 
 
+cdef inline bint same_layout(array_ptr p, array_ptr a) noexcept nogil:
+    """a has p's shape and both are dense in one memory order."""
+    if a.nd != p.nd:
+        return False
+    cdef int d
+    for d in range(p.nd):
+        if a.dimensions[d] != p.dimensions[d]:
+            return False
+    return (a.flags & p.flags & DENSE) != 0
+
+
 # Rule: a grad or buffer matches its parameter in shape, dtype and memory
 # order: the kernel walks all three as one flat run of elements.
 cdef inline bint is_like(array_ptr p, PyObject *x, bint must_write) noexcept nogil:
@@ -106,14 +117,10 @@ cdef inline bint is_like(array_ptr p, PyObject *x, bint must_write) noexcept nog
         return False
     cdef array_ptr a = <array_ptr>x
     cdef int need = cnp.NPY_ARRAY_ALIGNED | (cnp.NPY_ARRAY_WRITEABLE if must_write else 0)
-    if (a.descr.type_num != p.descr.type_num or a.nd != p.nd or (a.flags & need) != need
+    if (a.descr.type_num != p.descr.type_num or (a.flags & need) != need
             or a.descr.byteorder == NPY_OPPBYTE):
         return False
-    cdef int d
-    for d in range(p.nd):
-        if a.dimensions[d] != p.dimensions[d]:
-            return False
-    return (a.flags & p.flags & DENSE) != 0
+    return same_layout(p, a)
 
 
 cdef inline int check_layout(cnp.ndarray param, cnp.ndarray arr, str what,
@@ -246,13 +253,7 @@ cdef inline bint is_master_like(array_ptr p, PyObject *x) noexcept nogil:
     if not is_float_array(x, True):
         return False
     cdef array_ptr a = <array_ptr>x
-    if kernel_dtype(a) != FASTSGD_F32 or a.nd != p.nd:
-        return False
-    cdef int d
-    for d in range(p.nd):
-        if a.dimensions[d] != p.dimensions[d]:
-            return False
-    return (a.flags & p.flags & DENSE) != 0
+    return kernel_dtype(a) == FASTSGD_F32 and same_layout(p, a)
 
 
 cdef inline int check_master_like(cnp.ndarray param, object x, str what, Py_ssize_t group_index,
