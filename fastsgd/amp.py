@@ -64,7 +64,7 @@ class GradScaler:
     """
 
     def __init__(self, init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5,
-                 growth_interval=2000, enabled=True, *, device="cpu"):
+                 growth_interval=2000, enabled=True, *, device="cpu") -> None:
         if device != "cpu":
             raise ValueError(f"fastsgd.amp.GradScaler runs on the CPU, but got device {device!r}")
         self._device = device

@@ -226,7 +226,7 @@ class Half16:
 
 
 def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay,
-        nesterov, maximize, fma=True, masters=None, inv_scale=None):
+        nesterov, maximize, fma=True, masters=None, inv_scale=None) -> None:
     """One SGD step of torch's for-loop path, in place, in numpy.
 
     ``grads[i]`` None skips ``params[i]``; ``momentum_buffers[i]`` None is a
