@@ -473,6 +473,18 @@ def _view(flat, offset, param):
     return piece.reshape(param.shape[::-1]).T
 
 
+def _mpi_type(dtype, reduction):
+    """The MPI datatype a bucket of ``dtype`` travels as.  MPI has no 16-bit
+    floats: float16 and bfloat16 grads travel as their bits and are summed
+    here (the ordered reduction), never by MPI."""
+    if dtype.itemsize == 2:
+        if reduction == "mpi":
+            raise ValueError(f"reduction='mpi' cannot average {dtype} grads (MPI has no "
+                             f"16-bit float sum); use reduction='ordered'")
+        return MPI.UINT16_T
+    return _MPI_TYPES[dtype]
+
+
 class _FlatGrads:
     """One dtype's grads in one flat buffer, averaged across ranks bucket by bucket.
 
@@ -507,9 +519,11 @@ class _FlatGrads:
         self.buckets = 0
         if n == 1:  # the average of one grad is that grad: nothing to do
             return
-        mpi_type = _MPI_TYPES[np.dtype(dtype)]
+        mpi_type = _mpi_type(np.dtype(dtype), reduction)
         cap = max(1, cap_bytes // np.dtype(dtype).itemsize)
-        self.divisor = np.array(n, dtype)  # 0-d: a numpy scalar operand allocates
+        # 0-d: a numpy scalar operand allocates.  16-bit grads divide in
+        # float32 and round once to their dtype, as torch's do.
+        self.divisor = np.array(n, np.float32 if np.dtype(dtype).itemsize == 2 else dtype)
         if reduction == "mpi":
             self._plan_allreduce(comm, mpi_type, cap)
         else:
@@ -636,7 +650,9 @@ class _Plan:
         self.unique = list({id(p): p for p in positions}.values())
         self.flats = []
         views = {}
-        for dtype in sorted({p.dtype for p in self.unique}, key=lambda d: d.itemsize):
+        # The same order on every rank: float16 and bfloat16 have one size, and
+        # a set's order follows hashes that differ between processes.
+        for dtype in sorted({p.dtype for p in self.unique}, key=lambda d: (d.itemsize, d.name)):
             params = [p for p in self.unique if p.dtype == dtype]
             if owners is not None:
                 params.sort(key=lambda p: owners[id(p)])  # stable: global order per owner

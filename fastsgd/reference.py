@@ -123,7 +123,9 @@ def rank_ordered_mean(grads):
     total = np.array(grads[0])  # a copy, in grads[0]'s memory order
     for grad in grads[1:]:
         np.add(total, grad, out=total)
-    return np.true_divide(total, total.dtype.type(len(grads)), out=total)
+    # float16 and bfloat16 divide in float32, rounded once to their dtype (torch's opmath)
+    divisor = np.float32 if total.dtype.itemsize == 2 else total.dtype.type
+    return np.true_divide(total, divisor(len(grads)), out=total)
 
 
 class Float:

@@ -36,6 +36,8 @@ def groups_of(job):
 
 def make_params(job):
     """The model's parameters, the same on every rank and in the test."""
+    if any(group["dtype"] == "bfloat16" for group in groups_of(job)):
+        import ml_dtypes  # noqa: F401 -- registers the dtype name "bfloat16"
     rng = np.random.default_rng(job.get("seed", 0))
     params = []
     for group in groups_of(job):
@@ -219,6 +221,8 @@ def errors(job, comm, dist):
     attempt("broadcast", lambda: dist.broadcast_parameters(params(transposed)))
     attempt("zero duplicate", lambda: dist.ZeroRedundancyOptimizer(params(shapes) * 2))
     attempt("comm", lambda: dist.DistributedOptimizer(fastsgd.SGD(params(shapes)), comm="world"))
+    attempt("mpi reduction of float16", lambda: dist.DistributedOptimizer(
+        fastsgd.SGD(params(shapes, np.float16)), reduction="mpi"))
 
     def change_params(zero, on_ranks):
         model = params(shapes)
