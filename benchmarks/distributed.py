@@ -265,6 +265,35 @@ def spread(values, digits=2):
     return f"{middle:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
+def _verdict(row, ranks):
+    """The ordered reduction's ratio to the raw Allreduce against its target."""
+    target = TARGETS.get(ranks)
+    ordered = float(np.median(row["ordered"]))
+    bound = float(np.median(row["average only"]))
+    if target is None:
+        return "-"
+    if ordered <= target:
+        return "met"
+    if bound > target:
+        return f"out of reach: the algorithm alone is {bound:.2f}x"
+    return "missed"
+
+
+def summary_markdown(table):
+    """The README's table: per workload and ranks, the ordered reduction's
+    time against the raw Allreduce's, ZeRO's state per rank, the verdicts."""
+    lines = ["| workload | ranks | raw Allreduce | ordered (bit-identical) | target | verdict "
+             "| ZeRO state per rank / (total / N) |", "|---|---|---|---|---|---|---|"]
+    for (name, ranks), row in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        target, zero = TARGETS.get(ranks), float(np.median(row["zero"]))
+        lines.append(
+            f"| {name} | {ranks} | {float(np.median(row['raw ms'])):.1f} ms | "
+            f"{float(np.median(row['ordered'])):.2f}x | {f'<= {target}x' if target else '-'} | "
+            f"{_verdict(row, ranks)} | {zero:.3f} "
+            f"({'met' if zero <= ZERO_TARGET else 'missed'}: <= {ZERO_TARGET}) |")
+    return "\n".join(lines)
+
+
 def markdown(table, repeats):
     lines = [(f"Median over {repeats} run(s) (range in brackets); every ratio is to the raw "
               "Allreduce of the same bytes, measured in the same rounds."), "",
@@ -272,17 +301,7 @@ def markdown(table, repeats):
               "average only (bound) | exchange only | ZeRO reduce | target | verdict |"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (name, ranks), row in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        target = TARGETS.get(ranks)
-        ordered = float(np.median(row["ordered"]))
-        bound = float(np.median(row["average only"]))
-        if target is None:
-            verdict = "-"
-        elif ordered <= target:
-            verdict = "met"
-        elif bound > target:
-            verdict = f"out of reach: the algorithm alone is {bound:.2f}x"
-        else:
-            verdict = "missed"
+        target, verdict = TARGETS.get(ranks), _verdict(row, ranks)
         lines.append(
             f"| {name} | {ranks} | {spread(row['raw ms'], 1)} ms | {spread(row['ordered'])}x | "
             f"{spread(row['ordered, copied'])}x | {spread(row['mpi'])}x | "
@@ -385,13 +404,16 @@ def _ratio(constants, ranks, nbytes, latency, bandwidth):
 
 
 GUIDE = "docs/guide/distributed.md"
+DOCS = (GUIDE, "README.md")  # the files holding this benchmark's generated regions
 DOCS_JSON = "docs/_data/fastsgd-bench-distributed.json"
 
 
 def regions(runs):
     """The guide's generated regions (see fastsgd.report), by name, from the runs."""
     repeats = sum(run["ranks"] == runs[0]["ranks"] for run in runs)
-    generated = {"distributed-results": markdown(summarize(runs), repeats)}
+    table = summarize(runs)
+    generated = {"distributed-results": markdown(table, repeats),
+                 "distributed-summary": summary_markdown(table)}
     if any(run["ranks"] == 2 for run in runs):
         generated["distributed-model"] = model_markdown(runs)
     return generated
@@ -414,7 +436,7 @@ def main(argv=None):
     parser.add_argument("--report", metavar="JSON",
                         help="run nothing: print the tables and the cost model of JSON")
     parser.add_argument("--docs", action="store_true",
-                        help=f"with --report, rewrite the generated regions of {GUIDE}")
+                        help=f"with --report, rewrite the generated regions of {' and '.join(DOCS)}")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -424,9 +446,10 @@ def main(argv=None):
         if args.docs:
             from fastsgd import report
 
-            path = HERE.parent.parent / GUIDE
-            path.write_text(report.rewrite(path.read_text(), generated))
-            print(f"rewrote {path}")
+            for name in DOCS:
+                path = HERE.parent.parent / name
+                path.write_text(report.rewrite(path.read_text(), generated))
+                print(f"rewrote {path}")
         else:
             print("\n\n".join(generated.values()))
         return 0

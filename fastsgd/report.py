@@ -18,8 +18,11 @@ from . import bench
 # The files whose regions the report rewrites, relative to the repository.
 DOCS = ("README.md", "docs/performance.md")
 DEFAULT_JSON = "docs/_data/fastsgd-bench.json"
+DISTRIBUTED_PREFIX = "distributed-"  # the regions benchmarks/distributed.py generates
 _REGION = re.compile(r"(<!-- bench:begin (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- bench:end -->)",
                      re.S)
+# The README's headline: one workload of each kind, the rest in docs/performance.md.
+HEADLINE_WORKLOADS = ("W1", "W2", "W4", "H2", "M1")
 HEADLINE_COLUMNS = ("workload", "threads", "fastsgd", "% of roofline", "x vs torch for-loop",
                     "x vs torch foreach", "x vs torch fused")
 
@@ -74,6 +77,21 @@ TARGETS = [
            4.0, "x", bound_peer="roofline"),
     Target("2 threads at least 1.6x faster than 1", ("W2",), _two_threads_vs_one, 1.6, "x",
            bound_peer="roofline", scaling=True),
+    # half precision and master weights: against torch's own 16-bit steps,
+    # and against fastsgd's float32 step of the same shapes (the roofline of
+    # the 16-bit bytes bounds how much faster than float32 a step can be)
+    Target("float16 at least 2x faster than torch's for-loop", ("H1", "H3"),
+           _faster_than("torch for-loop"), 2.0, "x"),
+    Target("float16 at least 1.1x faster than fastsgd's float32", ("H1", "H3"),
+           _faster_than("fastsgd f32"), 1.1, "x", bound_peer="roofline"),
+    Target("bfloat16 at least 1.8x faster than torch's for-loop", ("H2", "H4"),
+           _faster_than("torch for-loop"), 1.8, "x"),
+    Target("bfloat16 no slower than fastsgd's float32", ("H2", "H4"),
+           _faster_than("fastsgd f32"), 1.0, "x", bound_peer="roofline"),
+    Target("master weights at least 1.5x faster than torch's chain", ("M1", "M2"),
+           _faster_than("torch chain"), 1.5, "x"),
+    Target("master weights at least 85% of the roofline", ("M1", "M2"), _share_of_roofline,
+           0.85, "%"),
 ]
 
 
@@ -85,16 +103,14 @@ def _format(value, unit):
     return f"{value:.2f}x"
 
 
-def targets_table(results):
+def judgements(results):
     """Each target against one run, per workload and thread count (or 2
-    threads against 1): fastsgd's value, the bounding roofline's, and the
-    verdict: met, missed, out of reach (the roofline itself misses it) or
-    not in this run (a thread count it lacks).  Workloads the run did not
-    measure are named below the table."""
+    threads against 1): (target, workload, threads label, fastsgd's value,
+    the bounding roofline's value, verdict), the verdict one of met, missed,
+    out of reach (the roofline itself misses it) or not in this run (a
+    thread count it lacks)."""
     paired = bench._Paired(results)
     threads = sorted({r["threads"] for r in results}) or [1]
-    lines = ["| target | workload | threads | fastsgd | bound: the same for | verdict |",
-             "|---|---|---|---|---|---|"]
     measured = {r["workload"] for r in results}
     for target in TARGETS:
         for w in (w for w in target.workloads if w in measured):
@@ -106,16 +122,44 @@ def targets_table(results):
                            else "met" if target.reached(value)
                            else "out of reach" if bound is not None and not target.reached(bound)
                            else "missed")
-                cells = [target.text, w, "2 vs 1" if target.scaling else str(t),
-                         "-" if value is None else _format(value, target.unit),
-                         "-" if bound is None else f"{target.bound_peer}: "
-                                                   f"{_format(bound, target.unit)}", verdict]
-                lines.append("| " + " | ".join(cells) + " |")
+                yield target, w, "2 vs 1" if target.scaling else str(t), value, bound, verdict
+
+
+def _unjudged(results):
+    measured = {r["workload"] for r in results}
     missing = sorted({w for target in TARGETS for w in target.workloads} - measured)
-    if missing:
-        lines.append(f"\nThe targets on {', '.join(missing)} are not judged: "
-                     "this run did not measure them.")
-    return "\n".join(lines)
+    return (f"\n\nThe targets on {', '.join(missing)} are not judged: "
+            "this run did not measure them.") if missing else ""
+
+
+def targets_table(results):
+    """Every judgement of one run, with fastsgd's value and the bound's;
+    workloads the run did not measure are named below the table."""
+    lines = ["| target | workload | threads | fastsgd | bound: the same for | verdict |",
+             "|---|---|---|---|---|---|"]
+    for target, w, threads, value, bound, verdict in judgements(results):
+        cells = [target.text, w, threads, "-" if value is None else _format(value, target.unit),
+                 "-" if bound is None else f"{target.bound_peer}: {_format(bound, target.unit)}",
+                 verdict]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + _unjudged(results)
+
+
+def verdicts_table(results):
+    """One row per target: where it is met and where not, for the README."""
+    lines = ["| target | met | not met |", "|---|---|---|"]
+    by_target = {}
+    for target, w, threads, value, _, verdict in judgements(results):
+        label = f"{w} {threads}T" if threads != "2 vs 1" else w
+        if value is not None:
+            label += f" ({_format(value, target.unit)})"
+        by_target.setdefault(target.text, []).append((verdict, label))
+    for text, judged in by_target.items():
+        met = ", ".join(label for verdict, label in judged if verdict == "met") or "-"
+        others = "; ".join(f"{verdict}: {label}" for verdict, label in judged
+                           if verdict != "met") or "-"
+        lines.append(f"| {text} | {met} | {others} |")
+    return "\n".join(lines) + _unjudged(results)
 
 
 def run_summary(data):
@@ -144,18 +188,27 @@ def regions(data):
         "(This run has one thread count: the table needs 1 and 2 threads.)")
     return {
         "run": run_summary(data),
-        "headline": bench.table(results, columns=HEADLINE_COLUMNS),
+        "headline": bench.table([r for r in results if r["workload"] in HEADLINE_WORKLOADS],
+                                columns=HEADLINE_COLUMNS),
         "results": bench.table(results),
         "limits": limits,
         "targets": targets_table(results),
+        "verdicts": verdicts_table(results),
     }
 
 
 def rewrite(text, generated):
-    """text with each marked region's body replaced by its generated text;
-    raises ValueError on a region with no generated text."""
+    """text with each marked region's body replaced by its generated text.
+    Two generators share the files: benchmarks/distributed.py owns the
+    regions named ``distributed-*`` (from its own JSON), this module the
+    rest; the other generator's regions are left as they are, and a region
+    of the caller's side with no generated text raises ValueError."""
+    distributed = any(name.startswith(DISTRIBUTED_PREFIX) for name in generated)
+
     def body(match):
         name = match["name"]
+        if name.startswith(DISTRIBUTED_PREFIX) != distributed:
+            return match[0]
         if name not in generated:
             raise ValueError(f"no generated region named {name!r} (known: {sorted(generated)})")
         return f"{match[1]}{generated[name]}\n{match[4]}"

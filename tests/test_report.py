@@ -40,7 +40,16 @@ def test_the_targets_are_judged_against_the_run_and_the_rooflines_bounds():
     # 2 threads vs 1: fastsgd 2.0x, the roofline 1.33x
     assert rows[6] == ("| 2 threads at least 1.6x faster than 1 | W2 | 2 vs 1 | 2.00x | "
                        "roofline: 1.33x | met |")
-    assert rows[-1] == "The targets on W1, W3, W4, W5, W6 are not judged: this run did not measure them."
+    assert rows[-1] == ("The targets on H1, H2, H3, H4, M1, M2, W1, W3, W4, W5, W6 are not judged: "
+                        "this run did not measure them.")
+
+
+def test_the_verdicts_say_per_target_where_it_is_met_and_where_not():
+    rows = report.verdicts_table(W2).splitlines()
+    assert rows[2] == "| within 2x of the roofline (at least 50% of it) | W2 1T (80%), W2 2T (120%) | - |"
+    assert rows[3] == ("| at least 20x faster than torch fused | W2 2T (24.00x) | "
+                       "out of reach: W2 1T (15.00x) |")
+    assert rows[4] == "| 2 threads at least 1.6x faster than 1 | W2 (2.00x) | - |"
 
 
 def test_a_target_the_roofline_reaches_is_missed_not_out_of_reach():
@@ -69,6 +78,9 @@ def test_rewrite_replaces_each_regions_body_and_nothing_else():
     assert new == ("# Page\n\nbefore\n<!-- bench:begin run -->\nRUN\n<!-- bench:end -->\n"
                    "between\n<!-- bench:begin limits -->\nLIMITS\nTABLE\n<!-- bench:end -->\n"
                    "after\n")
+    # the regions of benchmarks/distributed.py are its own: left as they are
+    other = "<!-- bench:begin distributed-summary -->\nkept\n<!-- bench:end -->\n"
+    assert report.rewrite(other, {"run": "RUN"}) == other
     with pytest.raises(ValueError, match="no generated region named 'nonsense'"):
         report.rewrite("<!-- bench:begin nonsense -->\n<!-- bench:end -->\n", {"run": "RUN"})
 
