@@ -16,13 +16,16 @@ from typing import Callable, Optional
 from . import bench
 
 # The files whose regions the report rewrites, relative to the repository.
-DOCS = ("README.md", "docs/performance.md")
+DOCS = ("README.md", "docs/performance.md", "docs/guide/half-precision.md")
 DEFAULT_JSON = "docs/_data/fastsgd-bench.json"
 DISTRIBUTED_PREFIX = "distributed-"  # the regions benchmarks/distributed.py generates
 _REGION = re.compile(r"(<!-- bench:begin (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- bench:end -->)",
                      re.S)
 # The README's headline: one workload of each kind, the rest in docs/performance.md.
 HEADLINE_WORKLOADS = ("W1", "W2", "W4", "H2", "M1")
+HALF_WORKLOADS = ("H1", "H2", "H3", "H4", "M1", "M2")
+HALF_COLUMNS = ("workload", "threads", "fastsgd", "% of roofline", "x vs torch for-loop",
+                "x vs fastsgd f32", "x vs torch chain")
 HEADLINE_COLUMNS = ("workload", "threads", "fastsgd", "% of roofline", "x vs torch for-loop",
                     "x vs torch foreach", "x vs torch fused")
 
@@ -125,9 +128,10 @@ def judgements(results):
                 yield target, w, "2 vs 1" if target.scaling else str(t), value, bound, verdict
 
 
-def _unjudged(results):
+def _unjudged(results, workloads=None):
     measured = {r["workload"] for r in results}
-    missing = sorted({w for target in TARGETS for w in target.workloads} - measured)
+    missing = sorted({w for target in TARGETS for w in target.workloads
+                      if workloads is None or w in workloads} - measured)
     return (f"\n\nThe targets on {', '.join(missing)} are not judged: "
             "this run did not measure them.") if missing else ""
 
@@ -145,11 +149,14 @@ def targets_table(results):
     return "\n".join(lines) + _unjudged(results)
 
 
-def verdicts_table(results):
-    """One row per target: where it is met and where not, for the README."""
+def verdicts_table(results, workloads=None):
+    """One row per target: where it is met and where not, for the README
+    (only the targets on ``workloads``, if given)."""
     lines = ["| target | met | not met |", "|---|---|---|"]
     by_target = {}
     for target, w, threads, value, _, verdict in judgements(results):
+        if workloads is not None and w not in workloads:
+            continue
         label = f"{w} {threads}T" if threads != "2 vs 1" else w
         if value is not None:
             label += f" ({_format(value, target.unit)})"
@@ -159,7 +166,7 @@ def verdicts_table(results):
         others = "; ".join(f"{verdict}: {label}" for verdict, label in judged
                            if verdict != "met") or "-"
         lines.append(f"| {text} | {met} | {others} |")
-    return "\n".join(lines) + _unjudged(results)
+    return "\n".join(lines) + _unjudged(results, workloads)
 
 
 def run_summary(data):
@@ -194,6 +201,9 @@ def regions(data):
         "limits": limits,
         "targets": targets_table(results),
         "verdicts": verdicts_table(results),
+        "half": bench.table([r for r in results if r["workload"] in HALF_WORKLOADS],
+                            columns=HALF_COLUMNS),
+        "half-verdicts": verdicts_table(results, HALF_WORKLOADS),
     }
 
 

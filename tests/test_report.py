@@ -88,7 +88,8 @@ def test_rewrite_replaces_each_regions_body_and_nothing_else():
 def test_the_command_prints_rewrites_and_checks_the_docs(tmp_path):
     data = tmp_path / "bench.json"
     data.write_text(json.dumps(run_json(W2)))
-    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "guide").mkdir(parents=True)
+    (tmp_path / "docs" / "guide" / "half-precision.md").write_text("# H\n")
     (tmp_path / "README.md").write_text("# R\n<!-- bench:begin headline -->\n<!-- bench:end -->\n")
     (tmp_path / "docs" / "performance.md").write_text(
         "# P\n<!-- bench:begin results -->\nold\n<!-- bench:end -->\n")
