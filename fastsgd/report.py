@@ -153,7 +153,7 @@ def verdicts_table(results, workloads=None):
     """One row per target: where it is met and where not, for the README
     (only the targets on ``workloads``, if given)."""
     lines = ["| target | met | not met |", "|---|---|---|"]
-    by_target = {}
+    by_target: dict = {}
     for target, w, threads, value, _, verdict in judgements(results):
         if workloads is not None and w not in workloads:
             continue
