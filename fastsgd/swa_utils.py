@@ -171,7 +171,7 @@ class AveragedModel:
         params = list(params)
         for i, p in enumerate(params):
             _check_float(p, f"params[{i}]")
-        self._params = [Parameter(np.array(p, order="K")) for p in params]
+        self._params: list[np.ndarray] = [Parameter(np.array(p, order="K")) for p in params]
         self.n_averaged = np.array(0, dtype=np.int64)
         self.avg_fn = avg_fn
         self.multi_avg_fn = multi_avg_fn

@@ -1,6 +1,10 @@
 """fastsgd.swa_utils against torch.optim.swa_utils and fastsgd.reference: AveragedModel's
 averages bit for bit (default, SWA and EMA multi-tensor functions, per-array functions) for all
 four dtypes, SWALR's learning rates exactly, and torch's errors."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -331,3 +335,16 @@ def test_swalr_get_lr_outside_step_warns_as_torch():
     scheduler = swa_utils.SWALR(fast, 0.05)
     with pytest.warns(UserWarning, match="please use `get_last_lr\\(\\)`"):
         scheduler.get_lr()
+
+
+@pytest.mark.skipif(not FUSED, reason="this process already runs torch's default kernels")
+def test_averaged_model_at_torchs_default_capability():
+    """torch fixes its kernels at import: a child with torch at "default" compares
+    fastsgd's "default" kernel (unfused lerp) with it."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "averaged_model_is_torchs"], env=env, capture_output=True, text=True,
+        timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "\n30 passed" in result.stdout
