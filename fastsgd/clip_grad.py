@@ -153,12 +153,15 @@ def _scale(grads, positions, coef):
     """grad *= coef, as torch's ``_foreach_mul_(grads, coef)`` with coef a 0-d
     tensor: in each grad's compute type, except that a 0-d grad times a
     float64 coef is computed in float64 (two 0-d tensors promote), then
-    rounded once to the grad's dtype."""
-    promoted = [(g, g.copy()) for g in grads if g.ndim == 0 and g.dtype != coef.dtype
-                and coef.dtype == np.float64]
+    converted to the grad's dtype."""
+    promoted = [(g, g.copy()) for g in grads
+                if coef.dtype == np.float64 and g.ndim == 0 and g.dtype != np.float64]
     _native.scale_grads(grads, positions, float(coef))
     for grad, before in promoted:
-        grad[...] = (before.astype(np.float64) * coef).astype(grad.dtype)
+        product = before.astype(np.float64) * coef
+        if grad.dtype.itemsize == 2:  # torch's double to 16-bit conversion goes through float
+            product = product.astype(np.float32)
+        grad[...] = product.astype(grad.dtype)
 
 
 def _check_infinity_norm_sizes(norm_type, sizes):
@@ -200,9 +203,10 @@ def _total_from_norms(dtype, grad_dtypes, norms, norm_type, error_if_nonfinite):
 def _clip_coef(total, max_norm):
     """min(max_norm / (total + 1e-6), 1) as torch computes it on a 0-d
     tensor: ``reciprocal(total + 1e-6) * max_norm`` (Tensor.__rtruediv__),
-    clamped at 1 (a NaN stays), each op rounded to total's dtype, which
-    16-bit dtypes reach from float32 (the scalars unrounded, as torch's
-    opmath takes them)."""
+    clamped at 1 (a NaN stays), each op rounded to total's dtype; for a
+    16-bit total each op computes in float32 with the scalars unrounded, as
+    torch's opmath does."""
+    max_norm = float(max_norm)
     dtype = total.dtype
     compute = np.float32 if dtype.itemsize == 2 else dtype.type
     with np.errstate(all="ignore"):

@@ -165,8 +165,9 @@ def twins_of(dtypes, seed=0, scale=1.0):
 
 
 DTYPE_SETS = [[d] for d in ALL_DTYPES] + [[np.float32, np.float64], [np.float16, np.float32],
-                                          [ml_dtypes.bfloat16, np.float16]]
-DTYPE_IDS = ["f32", "f64", "f16", "bf16", "f32+f64", "f16+f32", "bf16+f16"]
+                                          [ml_dtypes.bfloat16, np.float16],
+                                          [np.float64, ml_dtypes.bfloat16, np.float16]]
+DTYPE_IDS = ["f32", "f64", "f16", "bf16", "f32+f64", "f16+f32", "bf16+f16", "f64+bf16+f16"]
 
 
 @pytest.mark.parametrize("dtypes", DTYPE_SETS, ids=DTYPE_IDS)
