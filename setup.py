@@ -60,7 +60,7 @@ class BuildExt(build_ext):
 
 C_SOURCES = ["csrc/sgd_impls.c", "csrc/driver.c"]
 C_HEADERS = ["csrc/fastsgd.h", "csrc/sgd_step.h", "csrc/sgd_loop.h", "csrc/master_loop.h",
-             "csrc/stream_loop.h", "csrc/clip_loop.h", "csrc/sgd_instantiate.h",
+             "csrc/stream_loop.h", "csrc/clip_loop.h", "csrc/average_loop.h", "csrc/sgd_instantiate.h",
              "csrc/half_instantiate.h", "csrc/half_convert.h", "csrc/half_simd.h"]
 # In import order: each module cimports only those before it.
 NATIVE_MODULES = ["kernels", "batch", "plan", "stepper", "clip", "roofline"]

@@ -268,6 +268,20 @@ void fastsgd_clamp(const fastsgd_impl *impl, int dtype, int64_t ntensors, void *
         impl->clamp[dtype](arrays[t], sizes[t], lo, hi);
 }
 
+void fastsgd_lerp(const fastsgd_impl *impl, int dtype, int64_t ntensors, void *const *avgs,
+                  const void *const *curs, const int64_t *sizes, double weight)
+{
+    for (int64_t t = 0; t < ntensors; t++)
+        impl->lerp[dtype](avgs[t], curs[t], sizes[t], weight);
+}
+
+void fastsgd_mean(const fastsgd_impl *impl, int dtype, int64_t ntensors, void *const *avgs,
+                  const void *const *curs, const int64_t *sizes, double count)
+{
+    for (int64_t t = 0; t < ntensors; t++)
+        impl->mean[dtype](avgs[t], curs[t], sizes[t], count);
+}
+
 int fastsgd_parallel_ranges(int64_t n, int64_t min_per_thread, fastsgd_range_fn fn, void *ctx)
 {
     const int nthreads = threads_with_at_least(n, min_per_thread);

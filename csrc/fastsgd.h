@@ -1,4 +1,4 @@
-/* fastsgd's C ABI: multi-tensor SGD, roofline and clipping kernels over raw
+/* fastsgd's C ABI: multi-tensor SGD, roofline, clipping and averaging kernels over raw
  * float32/float64/float16/bfloat16 buffers, the choice of kernel and the
  * threads.
  *
@@ -92,6 +92,10 @@ typedef void (*fastsgd_stream_master_fn)(void *p, const void *g, void *b, void *
                                          int64_t n);
 /* ---- */
 
+/* Weight averaging over one pair of arrays of n elements (average_loop.h):
+ * avg = lerp(avg, cur, weight) and avg = avg + (cur - avg) / count. */
+typedef void (*fastsgd_average_fn)(void *avg, const void *cur, int64_t n, double x);
+
 /* One implementation: an instruction set and its rounding, per dtype. */
 typedef struct {
     const char *name;
@@ -106,6 +110,8 @@ typedef struct {
     fastsgd_master_range_fn master[FASTSGD_NDTYPES];
     fastsgd_stream_master_fn stream_master;
     /* ---- */
+    fastsgd_average_fn lerp[FASTSGD_NDTYPES];
+    fastsgd_average_fn mean[FASTSGD_NDTYPES];
 } fastsgd_impl;
 
 /* The implementation called `name`, or NULL if this build or this CPU lacks
@@ -171,6 +177,16 @@ void fastsgd_sgd_master(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_h
 void fastsgd_stream_master(const fastsgd_impl *impl, int dtype, const fastsgd_tensor_list *list,
                            int serial);
 /* ---- */
+
+/* The averaging loops over `ntensors` pairs of arrays of one dtype, one
+ * call for all, on the calling thread: each reads avgs[t] and curs[t] and
+ * writes avgs[t] (avgs[t] and curs[t] are the same array or disjoint).
+ * fastsgd_lerp: avgs[t] = lerp(avgs[t], curs[t], weight), torch's lerp_;
+ * fastsgd_mean: avgs[t] += (curs[t] - avgs[t]) / count, op by op. */
+void fastsgd_lerp(const fastsgd_impl *impl, int dtype, int64_t ntensors, void *const *avgs,
+                  const void *const *curs, const int64_t *sizes, double weight);
+void fastsgd_mean(const fastsgd_impl *impl, int dtype, int64_t ntensors, void *const *avgs,
+                  const void *const *curs, const int64_t *sizes, double count);
 
 /* Threads a call may use (OpenMP's max threads, honouring OMP_NUM_THREADS);
  * 1 in a build without OpenMP.  Setting it writes OpenMP's process-wide

@@ -119,8 +119,12 @@
 #define CLAMP_FN HALF_FN(clamp_)
 #define UNSCALE_FN HALF_FN(unscale_)
 #define FINITE_FN HALF_FN(finite_)
+#define AVG_MADD IMPL_MADD_F32
+#define LERP_FN HALF_FN(lerp_)
+#define MEAN_FN HALF_FN(mean_)
 #include "sgd_loop.h"
 #include "clip_loop.h"
+#include "average_loop.h"
 #undef SGD_STEP
 #undef SGD_STEP_TAIL
 #undef SGD_VEC_STEP
@@ -142,6 +146,9 @@
 #undef CLAMP_FN
 #undef UNSCALE_FN
 #undef FINITE_FN
+#undef AVG_MADD
+#undef LERP_FN
+#undef MEAN_FN
 
 /* Master weights: float32 params and buffers, 16-bit grads and output,
  * float32's rules (the float32 kernel's multiply-add) */

@@ -1,6 +1,7 @@
 /* Instantiates, as the implementation `impl_<IMPL_NAME>`, the SGD loop of
- * sgd_loop.h, the roofline loops of stream_loop.h and the grad-wise loops
- * of clip_loop.h for float32 and float64, and (half_instantiate.h) the same
+ * sgd_loop.h, the roofline loops of stream_loop.h, the grad-wise loops
+ * of clip_loop.h and the averaging loops of average_loop.h for float32 and
+ * float64, and (half_instantiate.h) the same
  * plus the master-weights loop of master_loop.h for float16 and bfloat16.
  * Before including, define IMPL_NAME, IMPL_TARGET, IMPL_MADD_F32 and
  * IMPL_MADD_F64, and for the 16-bit dtypes:
@@ -71,9 +72,13 @@ static inline __attribute__((always_inline)) double fastsgd_negate_f64(double x)
 #define CLAMP_FN IMPL_CAT(clamp_f32_, IMPL_NAME)
 #define UNSCALE_FN IMPL_CAT(unscale_f32_, IMPL_NAME)
 #define FINITE_FN IMPL_CAT(finite_f32_, IMPL_NAME)
+#define AVG_MADD IMPL_MADD_F32
+#define LERP_FN IMPL_CAT(lerp_f32_, IMPL_NAME)
+#define MEAN_FN IMPL_CAT(mean_f32_, IMPL_NAME)
 #include "sgd_loop.h"
 #include "stream_loop.h"
 #include "clip_loop.h"
+#include "average_loop.h"
 #undef SGD_T
 #undef SGD_C
 #undef SGD_A
@@ -90,6 +95,9 @@ static inline __attribute__((always_inline)) double fastsgd_negate_f64(double x)
 #undef CLAMP_FN
 #undef UNSCALE_FN
 #undef FINITE_FN
+#undef AVG_MADD
+#undef LERP_FN
+#undef MEAN_FN
 
 #define STEP_LOAD(ptr, i) ((ptr)[i])
 #define STEP_STORE(ptr, i, v) ((ptr)[i] = (v))
@@ -118,9 +126,13 @@ static inline __attribute__((always_inline)) double fastsgd_negate_f64(double x)
 #define CLAMP_FN IMPL_CAT(clamp_f64_, IMPL_NAME)
 #define UNSCALE_FN IMPL_CAT(unscale_f64_, IMPL_NAME)
 #define FINITE_FN IMPL_CAT(finite_f64_, IMPL_NAME)
+#define AVG_MADD IMPL_MADD_F64
+#define LERP_FN IMPL_CAT(lerp_f64_, IMPL_NAME)
+#define MEAN_FN IMPL_CAT(mean_f64_, IMPL_NAME)
 #include "sgd_loop.h"
 #include "stream_loop.h"
 #include "clip_loop.h"
+#include "average_loop.h"
 #undef SGD_T
 #undef SGD_C
 #undef SGD_A
@@ -140,6 +152,9 @@ static inline __attribute__((always_inline)) double fastsgd_negate_f64(double x)
 #undef CLAMP_FN
 #undef UNSCALE_FN
 #undef FINITE_FN
+#undef AVG_MADD
+#undef LERP_FN
+#undef MEAN_FN
 
 /* ------------------------------------------------ float16 and bfloat16 */
 #if IMPL_VEC16 == 512
@@ -254,6 +269,8 @@ static const fastsgd_impl IMPL_CAT(impl_, IMPL_NAME) = {
     IMPL_FNS(finite),
     {NULL, NULL, IMPL_CAT(master_f16_, IMPL_NAME), IMPL_CAT(master_bf16_, IMPL_NAME)},
     IMPL_CAT(stream_master_, IMPL_NAME),
+    IMPL_FNS(lerp),
+    IMPL_FNS(mean),
 };
 
 #undef IMPL_FNS

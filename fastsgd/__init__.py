@@ -9,7 +9,7 @@ to each other.  Steps use up to get_num_threads() OpenMP threads.
 """
 import os as _os
 
-from . import amp, functional, lr_scheduler, reference
+from . import amp, functional, lr_scheduler, reference, swa_utils
 from ._native import (
     available_capabilities,
     cpu_capability,
@@ -19,7 +19,7 @@ from ._native import (
     set_num_threads,
 )
 from .checkpoint import CheckpointError, load, save
-from .clip_grad import clip_grad_norm_, clip_grad_value_
+from .clip_grad import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from .optimizer import (
     Optimizer,
     register_optimizer_step_post_hook,
@@ -39,9 +39,11 @@ __all__ = [
     "available_capabilities",
     "clip_grad_norm_",
     "clip_grad_value_",
+    "clip_grads_with_norm_",
     "cpu_capability",
     "functional",
     "get_num_threads",
+    "get_total_norm",
     "has_openmp",
     "load",
     "lr_scheduler",
@@ -52,6 +54,7 @@ __all__ = [
     "save",
     "set_cpu_capability",
     "set_num_threads",
+    "swa_utils",
 ]
 
 Parameter.__module__ = __name__

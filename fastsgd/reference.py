@@ -43,7 +43,7 @@ from ._native import cpu_capability
 from .parameter import is_bfloat16
 from .sgd import SGD as _NativeSGD
 
-__all__ = ["Half16", "madd", "rank_ordered_mean", "sgd", "SGD"]
+__all__ = ["Half16", "lerp", "madd", "rank_ordered_mean", "running_mean", "sgd", "SGD"]
 
 
 def _two_sum(a, b):
@@ -126,6 +126,43 @@ def rank_ordered_mean(grads):
     # float16 and bfloat16 divide in float32, rounded once to their dtype (torch's opmath)
     divisor = np.float32 if total.dtype.itemsize == 2 else total.dtype.type
     return np.true_divide(total, divisor(len(grads)), out=total)
+
+
+def lerp(start, end, weight, fma=True):
+    """torch's ``start.lerp(end, weight)`` with a Python-number weight, as a
+    new array (fastsgd.swa_utils' multi-tensor averaging).
+
+    The weight is rounded to the compute type (float32 for float16 and
+    bfloat16, whose elements are widened exactly); with ``|w| < 0.5`` the
+    result is ``start + w * (end - start)``, else ``end + (w - 1) * (end -
+    start)``, a multiply-add rounded once if ``fma`` (torch's AVX2/AVX-512
+    kernels), twice if not (ATEN_CPU_CAPABILITY=default), then rounded to
+    the dtype.  NaN payloads of 16-bit results are not specified.
+    """
+    start = np.asarray(start)
+    compute = np.float32 if start.dtype.itemsize == 2 else start.dtype.type
+    s, e, w = start.astype(compute), np.asarray(end).astype(compute), compute(weight)
+    small = abs(w) < compute(0.5)
+    with np.errstate(all="ignore"):
+        d = e - s
+        result = madd(d, w if small else w - compute(1), s if small else e, fma)
+    return np.asarray(result).astype(start.dtype)
+
+
+def running_mean(averaged, current, count):
+    """``averaged + (current - averaged) / count`` as torch computes it on
+    tensors of the arrays' dtype: three ops, each rounded to the dtype
+    (float16 and bfloat16 computed in float32, ``count`` a float32)."""
+    averaged = np.asarray(averaged)
+    dtype = averaged.dtype
+    compute = np.float32 if dtype.itemsize == 2 else dtype.type
+
+    def rounded(x):
+        return np.asarray(x).astype(dtype).astype(compute)
+
+    a, c = averaged.astype(compute), np.asarray(current).astype(compute)
+    with np.errstate(all="ignore"):
+        return (a + rounded(rounded(c - a) / compute(count))).astype(dtype)
 
 
 class Float:

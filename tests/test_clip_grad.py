@@ -125,3 +125,121 @@ def test_the_native_loops_refuse_positions_of_another_length(call):
     grads = [np.ones(3, np.float32), np.ones(2)]
     with pytest.raises(ValueError, match="got 2 grads and 1 positions"):
         call(grads, [0])
+
+
+# ------------------------------------------- get_total_norm and clip_grads_with_norm_
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+ALL_DTYPES = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]
+# a 16-bit total is rounded to its dtype: one unit in its last place
+HALF_TOLERANCE = {np.float16: 2.0 ** -10, ml_dtypes.bfloat16: 2.0 ** -7}
+
+
+def torch_twin(array):
+    array = np.array(array)
+    if array.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def as_numpy(tensor):
+    tensor = tensor.detach()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def twins_of(dtypes, seed=0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    shapes = [(1,), (7,), (1000,), (33, 17), (), (100_003,)]
+    fast, ref = [], []
+    for k, shape in enumerate(shapes):
+        dtype = dtypes[k % len(dtypes)]
+        p = fastsgd.Parameter(np.zeros(shape, dtype))
+        p.grad = np.asarray(scale * rng.standard_normal(shape), np.float32).astype(dtype)
+        t = torch.nn.Parameter(torch_twin(p))
+        t.grad = torch_twin(p.grad)
+        fast.append(p)
+        ref.append(t)
+    return fast, ref
+
+
+DTYPE_SETS = [[d] for d in ALL_DTYPES] + [[np.float32, np.float64], [np.float16, np.float32],
+                                          [ml_dtypes.bfloat16, np.float16],
+                                          [np.float64, ml_dtypes.bfloat16, np.float16]]
+DTYPE_IDS = ["f32", "f64", "f16", "bf16", "f32+f64", "f16+f32", "bf16+f16", "f64+bf16+f16"]
+
+
+@pytest.mark.parametrize("dtypes", DTYPE_SETS, ids=DTYPE_IDS)
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf"), 3.5])
+def test_get_total_norm_matches_torch(dtypes, norm_type):
+    fast, ref = twins_of(dtypes)
+    total = fastsgd.get_total_norm([p.grad for p in fast], norm_type)
+    ref_total = torch.nn.utils.get_total_norm([t.grad for t in ref], norm_type)
+    assert total.dtype == as_numpy(ref_total).dtype
+    rtol = max(TOLERANCE.get(d, HALF_TOLERANCE.get(d)) for d in dtypes)
+    np.testing.assert_allclose(np.float64(total), as_numpy(ref_total).astype(np.float64),
+                               rtol=rtol)
+
+
+def test_get_total_norm_of_one_array_none_and_non_finite_as_torch():
+    g = np.array([3.0, 4.0], np.float32)
+    assert fastsgd.get_total_norm(g) == np.float32(5.0)
+    assert fastsgd.get_total_norm(iter([g, g]), 1.0, foreach=True) == np.float32(14.0)
+    empty = fastsgd.get_total_norm([])
+    assert empty.dtype == torch.nn.utils.get_total_norm([]).numpy().dtype and empty == 0.0
+    bad = np.array([1.0, np.inf], np.float32)
+    with pytest.raises(RuntimeError) as ours:
+        fastsgd.get_total_norm([bad], error_if_nonfinite=True)
+    with pytest.raises(RuntimeError) as theirs:
+        torch.nn.utils.get_total_norm([torch.from_numpy(bad)], error_if_nonfinite=True)
+    assert str(ours.value) == str(theirs.value)
+    assert np.isinf(fastsgd.get_total_norm([bad]))
+
+
+@pytest.mark.parametrize("dtypes", DTYPE_SETS, ids=DTYPE_IDS)
+@pytest.mark.parametrize("max_norm", [0.5, 37.0, 1e6])
+def test_clip_grads_with_norm_is_torchs_exactly_given_the_total(dtypes, max_norm):
+    fast, ref = twins_of(dtypes, seed=1)
+    ref_total = torch.nn.utils.get_total_norm([t.grad for t in ref])
+    for total_norm in (as_numpy(ref_total), as_numpy(ref_total) * 3, np.float32(np.nan)):
+        fast, ref = twins_of(dtypes, seed=1)
+        total = torch_twin(total_norm)
+        fastsgd.clip_grads_with_norm_(fast, max_norm, total_norm)
+        torch.nn.utils.clip_grads_with_norm_(ref, max_norm, total)
+        for p, t in zip(fast, ref):
+            theirs = as_numpy(t.grad)
+            assert p.grad.dtype == theirs.dtype
+            if np.isnan(total_norm) and p.grad.dtype.itemsize == 2:
+                # the scale loop gives 16-bit NaNs its vector body's bits
+                assert np.isnan(p.grad.astype(np.float32)).all()
+                assert np.isnan(theirs.astype(np.float32)).all()
+            else:
+                assert p.grad.tobytes() == theirs.tobytes()
+
+
+@pytest.mark.parametrize("dtypes", DTYPE_SETS, ids=DTYPE_IDS)
+def test_clip_grad_norm_is_the_two_halves(dtypes):
+    fast, _ = twins_of(dtypes, seed=2, scale=3.0)
+    split, _ = twins_of(dtypes, seed=2, scale=3.0)
+    total = fastsgd.clip_grad_norm_(fast, 1.0)
+    split_total = fastsgd.get_total_norm([p.grad for p in split])
+    fastsgd.clip_grads_with_norm_(split, 1.0, split_total)
+    assert total.dtype == split_total.dtype and total.tobytes() == split_total.tobytes()
+    for p, q in zip(fast, split):
+        assert p.grad.tobytes() == q.grad.tobytes()
+
+
+def test_clip_grads_with_norm_arguments():
+    p = fastsgd.Parameter(np.ones(2, np.float32))
+    p.grad = np.full(2, 4.0, np.float32)
+    with pytest.raises(TypeError, match="total_norm must be a numpy scalar or 0-d array"):
+        fastsgd.clip_grads_with_norm_(p, 1.0, 8.0)
+    with pytest.raises(ValueError, match=r"dtype float32 and shape \(1,\)"):
+        fastsgd.clip_grads_with_norm_(p, 1.0, np.ones(1, np.float32))
+    with pytest.raises(ValueError, match="dtype int64"):
+        fastsgd.clip_grads_with_norm_(p, 1.0, np.int64(8))
+    np.testing.assert_array_equal(p.grad, 4.0)
+    fastsgd.clip_grads_with_norm_(p, 1.0, np.float32(8.0), foreach=True)
+    np.testing.assert_array_equal(p.grad, np.float32(4.0) * (np.float32(1.0) / np.float32(8.0 + 1e-6)))
+    fastsgd.clip_grads_with_norm_([fastsgd.Parameter(np.ones(2))], 1.0, np.float32(8.0))  # no grads

@@ -4,10 +4,10 @@ kernels (kernel choice and threads; owns the C library), objects.pxd (reading
 arrays and Parameters on raw pointers), rules.pxd (the input rules and their
 messages), batch (pointer lists and the arrays they hold), plan (a group's
 staging and the plan cache), stepper (the step and the functional entry),
-clip (clipping's and GradScaler's loops) and roofline (the benchmark's rooflines, outside the
+clip (clipping's, GradScaler's and averaging's loops) and roofline (the benchmark's rooflines, outside the
 step path).  This file gathers the names the rest of fastsgd uses.
 """
-from .clip import clamp_grads, grad_norms, scale_grads, unscale_grads
+from .clip import clamp_grads, grad_norms, lerp_arrays, mean_arrays, scale_grads, unscale_grads
 from .kernels import (
     available_capabilities,
     cpu_capability,
@@ -32,6 +32,8 @@ __all__ = [
     "get_num_threads",
     "grad_norms",
     "has_openmp",
+    "lerp_arrays",
+    "mean_arrays",
     "native_call_count",
     "parallel_staging_count",
     "parallel_threshold",

@@ -1,18 +1,21 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
-"""Grad-wise native loops: clipping's (each grad's norm, grad *= coef and
-grad = clamp(grad, lo, hi)) and GradScaler's unscale, one kernel call per
-dtype for all grads (fastsgd/clip_grad.py and fastsgd/amp.py hold the
+"""Array-wise native loops: clipping's (each grad's norm, grad *= coef and
+grad = clamp(grad, lo, hi)), GradScaler's unscale, and weight averaging's
+(lerp and the running mean), one kernel call per dtype for all arrays
+(fastsgd/clip_grad.py, fastsgd/amp.py and fastsgd/swa_utils.py hold the
 arithmetic around them)."""
 import numpy as np
 
 cimport numpy as cnp
 from cpython.object cimport PyObject
+from libc.stdint cimport int64_t
 
 from fastsgd._native cimport kernels
 from fastsgd._native.batch cimport Batch, dtype_of
 from fastsgd._native.kernels cimport FASTSGD_NDTYPES, fastsgd_impl
-from fastsgd._native.objects cimport array_ptr, init_objects, size_of
-from fastsgd._native.rules cimport check_float_array, where
+from fastsgd._native.objects cimport DENSE, array_ptr, init_objects, refresh_bfloat16, size_of
+from fastsgd._native.rules cimport (apart, check_float_array, check_like, is_float_array,
+                                    is_like, where)
 
 cnp.import_array()
 init_objects()
@@ -108,3 +111,80 @@ def unscale_grads(list grads, list positions, float inv_scale):
         with nogil:
             found |= kernels.unscale(impl, d, batch.count, batch.params, batch.sizes, inv_scale)
     return found
+
+
+# ------------------------------------------------------------ weight averaging
+
+cdef inline bint averages_as_is(PyObject *avg, PyObject *cur) noexcept:
+    """The rules of explain_average's, fast: avg a dense writable float
+    array, cur like it, the two the same array's memory or disjoint."""
+    if not is_float_array(avg, True) or ((<array_ptr>avg).flags & DENSE) == 0:
+        return False
+    if not is_like(<array_ptr>avg, cur, False):
+        return False
+    return ((<array_ptr>avg).data == (<array_ptr>cur).data
+            or apart(<array_ptr>avg, <array_ptr>cur, cnp.PyArray_NBYTES(<cnp.ndarray>avg)))
+
+
+cdef int explain_average(object avg, object cur, Py_ssize_t i) except -1:
+    check_float_array(avg, "averaged array", -1, i, True)
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>avg)
+            or cnp.PyArray_IS_F_CONTIGUOUS(<cnp.ndarray>avg)):
+        raise ValueError(f"{where(-1, i)}: averaged array must be contiguous "
+                         f"(C or Fortran order)")
+    check_like(<cnp.ndarray>avg, cur, "current array", -1, i, False)
+    raise ValueError(f"{where(-1, i)}: the current array shares part of the averaged "
+                     f"array's memory")
+
+
+cdef int average(list averaged, list current, double x, bint lerp) except -1:
+    """Checks every pair, then runs the loop over each dtype's pairs, with
+    the GIL held throughout: no Python code runs between the checks and the
+    kernel, so no array can be freed, resized or swapped meanwhile."""
+    cdef Py_ssize_t n = len(averaged)
+    if len(current) != n:
+        raise ValueError(f"got {n} averaged arrays and {len(current)} current arrays")
+    refresh_bfloat16()
+    cdef cnp.ndarray avgs = np.empty(n, np.uintp), curs = np.empty(n, np.uintp)
+    cdef cnp.ndarray sizes = np.empty(n, np.int64)
+    cdef void **avg_data = <void **>cnp.PyArray_DATA(avgs)
+    cdef const void **cur_data = <const void **>cnp.PyArray_DATA(curs)
+    cdef int64_t *size_data = <int64_t *>cnp.PyArray_DATA(sizes)
+    cdef Py_ssize_t i, k = 0
+    cdef Py_ssize_t starts[FASTSGD_NDTYPES + 1]
+    cdef PyObject *avg
+    cdef PyObject *cur
+    cdef int d
+    for d in range(FASTSGD_NDTYPES):  # grouped by dtype, each in the lists' order
+        starts[d] = k
+        for i in range(n):
+            avg, cur = <PyObject *>averaged[i], <PyObject *>current[i]
+            if not averages_as_is(avg, cur):
+                explain_average(<object>avg, <object>cur, i)
+            if dtype_of(<array_ptr>avg) == d:
+                avg_data[k] = (<array_ptr>avg).data
+                cur_data[k] = (<array_ptr>cur).data
+                size_data[k] = size_of(<array_ptr>avg)
+                k += 1
+    starts[FASTSGD_NDTYPES] = k
+    cdef const fastsgd_impl *impl = kernels.kernel()
+    for d in range(FASTSGD_NDTYPES):
+        i = starts[d]
+        if lerp:
+            kernels.lerp(impl, d, starts[d + 1] - i, avg_data + i, cur_data + i, size_data + i, x)
+        else:
+            kernels.mean(impl, d, starts[d + 1] - i, avg_data + i, cur_data + i, size_data + i, x)
+    return 0
+
+
+def lerp_arrays(list averaged, list current, double weight):
+    """``averaged[i] = lerp(averaged[i], current[i], weight)`` for every i,
+    in place, as torch's ``_foreach_lerp_`` with a Scalar weight (the weight
+    rounded to each array's compute type: csrc/average_loop.h)."""
+    average(averaged, current, weight, True)
+
+
+def mean_arrays(list averaged, list current, double count):
+    """``averaged[i] += (current[i] - averaged[i]) / count`` for every i, in
+    place, op by op in each array's dtype (torch's ``get_swa_avg_fn``)."""
+    average(averaged, current, count, False)

@@ -54,6 +54,11 @@ cdef void scale(const fastsgd_impl *impl, int dtype, int64_t ntensors, void **ar
                 const int64_t *sizes, double coef) noexcept nogil
 cdef void clamp(const fastsgd_impl *impl, int dtype, int64_t ntensors, void **arrays,
                 const int64_t *sizes, double lo, double hi) noexcept nogil
+# csrc/fastsgd.h's fastsgd_lerp and fastsgd_mean
+cdef void lerp(const fastsgd_impl *impl, int dtype, int64_t ntensors, void **avgs,
+               const void **curs, const int64_t *sizes, double weight) noexcept nogil
+cdef void mean(const fastsgd_impl *impl, int dtype, int64_t ntensors, void **avgs,
+               const void **curs, const int64_t *sizes, double count) noexcept nogil
 
 # ---- half precision (issue 14): csrc/fastsgd.h's fastsgd_unscale, fastsgd_grads_finite,
 # fastsgd_sgd_master and fastsgd_stream_master

@@ -25,6 +25,10 @@ cdef extern from "fastsgd.h" nogil:
                        const int64_t *sizes, double lo, double hi)
     int fastsgd_unscale(const fastsgd_impl *impl, int dtype, int64_t ntensors, void **arrays,
                         const int64_t *sizes, float inv_scale)
+    void fastsgd_lerp(const fastsgd_impl *impl, int dtype, int64_t ntensors, void **avgs,
+                      const void **curs, const int64_t *sizes, double weight)
+    void fastsgd_mean(const fastsgd_impl *impl, int dtype, int64_t ntensors, void **avgs,
+                      const void **curs, const int64_t *sizes, double count)
     int fastsgd_grads_finite(const fastsgd_impl *impl, int dtype,
                              const fastsgd_tensor_list *list, int serial)
     void fastsgd_sgd_master(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
@@ -148,6 +152,16 @@ cdef void scale(const fastsgd_impl *impl, int dtype, int64_t ntensors, void **ar
 cdef void clamp(const fastsgd_impl *impl, int dtype, int64_t ntensors, void **arrays,
                 const int64_t *sizes, double lo, double hi) noexcept nogil:
     fastsgd_clamp(impl, dtype, ntensors, arrays, sizes, lo, hi)
+
+
+cdef void lerp(const fastsgd_impl *impl, int dtype, int64_t ntensors, void **avgs,
+               const void **curs, const int64_t *sizes, double weight) noexcept nogil:
+    fastsgd_lerp(impl, dtype, ntensors, avgs, curs, sizes, weight)
+
+
+cdef void mean(const fastsgd_impl *impl, int dtype, int64_t ntensors, void **avgs,
+               const void **curs, const int64_t *sizes, double count) noexcept nogil:
+    fastsgd_mean(impl, dtype, ntensors, avgs, curs, sizes, count)
 
 
 # ---- half precision (issue 14)

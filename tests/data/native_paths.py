@@ -1,6 +1,6 @@
 """Runs every path of the native step (each kernel the CPU and valgrind run, all
 four dtypes, first and later steps, missing grads, rejections, looked-up buffers,
-the functional API, the rooflines, gradient clipping, master weights with and
+the functional API, the rooflines, gradient clipping, weight averaging, master weights with and
 without GradScaler, its unscale, and a group staged on two threads) for the
 memory checkers in tests/test_memory_checkers.py."""
 import ml_dtypes
@@ -47,6 +47,14 @@ for cap in fastsgd.available_capabilities():
         for norm_type in (float("inf"), -float("inf")):  # params[0] is empty
             fastsgd.clip_grad_norm_(params[1:], 0.1, norm_type)
         fastsgd.clip_grad_value_(params, 0.01)
+        for kwargs in ({}, {"multi_avg_fn": fastsgd.swa_utils.get_ema_multi_avg_fn(0.9)}):
+            averages = fastsgd.swa_utils.AveragedModel(params, **kwargs)
+            for _ in range(3):
+                averages.update_parameters(params)
+        try:
+            _native.lerp_arrays(params[1:3], [params[1], params[1]], 0.5)
+        except ValueError:
+            pass
         scaler = fastsgd.amp.GradScaler()
         scaler.scale(np.float32(1))
         if dtype != np.float16:  # torch refuses to unscale float16 grads in place
