@@ -162,7 +162,7 @@ class AveragedModel:
             functions receive as ``n_averaged``.
     """
 
-    def __init__(self, params, *, avg_fn=None, multi_avg_fn=None, use_buffers=False):
+    def __init__(self, params, *, avg_fn=None, multi_avg_fn=None, use_buffers=False) -> None:
         if avg_fn is not None and multi_avg_fn is not None:
             raise AssertionError("Only one of avg_fn and multi_avg_fn should be provided")
         if use_buffers:
