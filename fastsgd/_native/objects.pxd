@@ -80,9 +80,10 @@ cdef inline int init_objects() except -1:
     from fastsgd.parameter import Parameter
     NDARRAY_TYPE = <PyTypeObject *>cnp.ndarray
     PARAMETER_TYPE = <PyTypeObject *>Parameter
-    # Parameter keeps .grad in a slot: read it at its offset, as the slot's
-    # own descriptor would, without the attribute lookup.
-    descriptor = Parameter.__dict__.get("grad")
+    # Parameter keeps .grad in its _grad slot (.grad is the property that
+    # checks assignments): read it at its offset, as the slot's own descriptor
+    # would, without the attribute lookup.
+    descriptor = Parameter.__dict__.get("_grad")
     if type(descriptor).__name__ == "member_descriptor":
         GRAD_OFFSET = (<PyMemberDescrObject *>descriptor).d_member.offset
     return 0
