@@ -9,7 +9,7 @@ to each other.  Steps use up to get_num_threads() OpenMP threads.
 """
 import os as _os
 
-from . import amp, functional, lr_scheduler, reference, swa_utils
+from . import amp, autodiff, functional, lr_scheduler, reference, swa_utils
 from ._native import (
     available_capabilities,
     cpu_capability,
@@ -36,6 +36,7 @@ __all__ = [
     "Parameter",
     "SGD",
     "amp",
+    "autodiff",
     "available_capabilities",
     "clip_grad_norm_",
     "clip_grad_value_",
@@ -58,6 +59,7 @@ __all__ = [
 ]
 
 Parameter.__module__ = __name__
+autodiff._register_when_imported()
 
 if _os.environ.get("FASTSGD_CPU_CAPABILITY"):
     set_cpu_capability(_os.environ["FASTSGD_CPU_CAPABILITY"])
