@@ -529,7 +529,10 @@ def test_skipped_step_creates_no_state_and_writes_nothing():
 
 def test_bfloat16_grad_on_float16_param_is_refused():
     p = fastsgd.Parameter(np.ones(3, np.float16))
-    p.grad = np.ones(3, ml_dtypes.bfloat16)
+    with pytest.raises(RuntimeError, match="with dtype 'bfloat16' to a parameter with dtype "
+                                           "'float16'"):
+        p.grad = np.ones(3, ml_dtypes.bfloat16)
+    fastsgd.Parameter._grad.__set__(p, np.ones(3, ml_dtypes.bfloat16))  # the step's own rule
     opt = fastsgd.SGD([p], lr=0.1, momentum=0.9)
     with pytest.raises(TypeError, match=r"grad has dtype bfloat16, but the parameter has "
                                         r"dtype float16"):

@@ -75,6 +75,11 @@ def make_opt(**options):
 
 opt, (P0, P1) = make_opt()
 
+# p.grad = g refuses a grad of the wrong type, dtype or shape at assignment
+# (tests/test_grad_assignment.py); a step still checks, for a grad changed
+# after assignment (or written to the slot): writing the raw slot stands for it.
+set_grad_unchecked = Parameter._grad.__set__
+
 
 def W(g, i):
     """Regex: a message that starts by naming param_groups[g]['params'][i]."""
@@ -257,21 +262,21 @@ def add(name, src):
 for _dtype in ["np.int64", "np.int32", "np.bool_", "np.complex128",
                "np.complex64", "object", "np.longdouble"]:
     add(f"grad_dtype_{_dtype.replace('np.', '').strip('_')}", f"""
-        P1[0].grad = np.ones(P1[0].shape, dtype={_dtype})
+        set_grad_unchecked(P1[0], np.ones(P1[0].shape, dtype={_dtype}))
         expect_error(TypeError, W(1, 0) + "grad must be float32, float64, float16 or bfloat16, but got ")
     """)
 
 add("grad_float64_on_float32_param", """
-    P0[1].grad = P0[1].grad.astype(np.float64)
+    set_grad_unchecked(P0[1], P0[1].grad.astype(np.float64))
     expect_error(TypeError, W(0, 1) + re.escape("grad has dtype float64, but the parameter "
                                                 "has dtype float32"))
 """)
 add("grad_float32_on_float64_param", """
-    P1[2].grad = np.ones((), np.float32)
+    set_grad_unchecked(P1[2], np.ones((), np.float32))
     expect_error(TypeError, W(1, 2) + "grad has dtype float32, but the parameter has dtype float64")
 """)
 add("grad_byte_swapped", """
-    P1[0].grad = P1[0].grad.astype(P1[0].dtype.newbyteorder())
+    set_grad_unchecked(P1[0], P1[0].grad.astype(P1[0].dtype.newbyteorder()))
     expect_error(ValueError, W(1, 0) + "grad must be aligned and in native byte order")
 """)
 add("grad_misaligned", """
@@ -311,31 +316,31 @@ add("param_none_in_params", """
 # ---------------------------------------------------------------- shapes
 
 add("grad_too_long", """
-    P1[0].grad = np.zeros(6)
+    set_grad_unchecked(P1[0], np.zeros(6))
     expect_error(ValueError, W(1, 0) + re.escape("grad has shape (6,), but the parameter has shape (5,)"))
 """)
 add("grad_transposed_shape", """
-    P0[1].grad = np.zeros((3, 2), np.float32)
+    set_grad_unchecked(P0[1], np.zeros((3, 2), np.float32))
     expect_error(ValueError, W(0, 1) + re.escape("grad has shape (3, 2), but the parameter has shape (2, 3)"))
 """)
 add("grad_extra_axis", """
-    P1[0].grad = P1[0].grad[None, :]
+    set_grad_unchecked(P1[0], P1[0].grad[None, :])
     expect_error(ValueError, W(1, 0) + re.escape("grad has shape (1, 5), but the parameter has shape (5,)"))
 """)
 add("grad_flattened", """
-    P1[1].grad = np.zeros(6)
+    set_grad_unchecked(P1[1], np.zeros(6))
     expect_error(ValueError, W(1, 1) + re.escape("grad has shape (6,), but the parameter has shape (2, 3)"))
 """)
 add("grad_one_element_for_0d_param", """
-    P1[2].grad = np.zeros(1)
+    set_grad_unchecked(P1[2], np.zeros(1))
     expect_error(ValueError, W(1, 2) + re.escape("grad has shape (1,), but the parameter has shape ()"))
 """)
 add("grad_size0_other_shape", """
-    P1[3].grad = np.zeros((0, 1))
+    set_grad_unchecked(P1[3], np.zeros((0, 1)))
     expect_error(ValueError, W(1, 3) + re.escape("grad has shape (0, 1), but the parameter has shape (0,)"))
 """)
 add("grad_empty_for_nonempty_param", """
-    P1[0].grad = np.zeros(0)
+    set_grad_unchecked(P1[0], np.zeros(0))
     expect_error(ValueError, W(1, 0) + re.escape("grad has shape (0,), but the parameter has shape (5,)"))
 """)
 
@@ -348,12 +353,12 @@ for _name, _value, _type in [("list", "P1[0].grad.tolist()", "list"),
                              ("memoryview", "memoryview(P1[0].grad)", "memoryview"),
                              ("string", "'grad'", "str")]:
     add(f"grad_is_{_name}", f"""
-        P1[0].grad = {_value}
+        set_grad_unchecked(P1[0], {_value})
         expect_error(TypeError, W(1, 0) + "grad must be a numpy array, but got {_type}$")
     """)
 
 add("grad_python_scalar_on_0d_param", """
-    P0[2].grad = 0.5
+    set_grad_unchecked(P0[2], 0.5)
     expect_error(TypeError, W(0, 2) + "grad must be a numpy array, but got float")
 """)
 add("grad_0d_array_on_0d_param_like_torch", """
@@ -362,7 +367,7 @@ add("grad_0d_array_on_0d_param_like_torch", """
     check_like_torch()
 """)
 add("grad_0d_array_on_1d_param", """
-    P1[0].grad = np.array(0.5)
+    set_grad_unchecked(P1[0], np.array(0.5))
     expect_error(ValueError, W(1, 0) + re.escape("grad has shape (), but the parameter has shape (5,)"))
 """)
 add("grad_none_skips_the_param_like_torch", """
@@ -479,12 +484,21 @@ add("empty_params_list_after_construction", """
 # ---------------------------------------------------------------- aliasing
 
 add("grad_is_the_param_like_torch", """
+    # p.grad = p raises, as torch's tensor.grad = tensor does; a step given
+    # the parameter itself as its grad steps it as torch steps a tensor
+    # whose grad shares all its memory.
     import torch
     o, groups = make_opt(weight_decay=0.01, nesterov=True)
     ps = groups[0] + groups[1]
     t, tmap = twin(o)
     for p in ps:
-        p.grad = p
+        try:
+            p.grad = p
+        except RuntimeError as e:
+            assert str(e) == "can't assign a Parameter as its own grad", e
+        else:
+            raise AssertionError("a Parameter was assigned as its own grad")
+        set_grad_unchecked(p, p)
         tmap[id(p)].grad = tmap[id(p)].detach()
     for _ in range(3):
         o.step(); t.step()
@@ -509,7 +523,7 @@ add("grad_partially_overlaps_param", """
     expect_error(ValueError, W(1, 0) + "grad partially overlaps the parameter's memory")
 """)
 add("grad_is_reshaped_param", """
-    P1[1].grad = P1[1].reshape(-1, order="F")
+    set_grad_unchecked(P1[1], P1[1].reshape(-1, order="F"))
     expect_error(ValueError, W(1, 1) + re.escape("grad has shape (6,)"))
 """)
 add("grad_shared_by_two_params_like_torch", """
@@ -686,7 +700,7 @@ add("grad_is_its_param_large_two_threads_like_torch", """
     o = fastsgd.SGD(ps, lr=0.25, momentum=0.9, weight_decay=0.1)
     t, tmap = twin(o)
     for p in ps:
-        p.grad = p
+        set_grad_unchecked(p, p)  # p.grad = p raises, as in torch
         tmap[id(p)].grad = tmap[id(p)].detach()
     for _ in range(3):
         o.step(); t.step()

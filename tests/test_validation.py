@@ -5,6 +5,11 @@ import pytest
 
 import fastsgd
 
+# p.grad = g refuses a grad of the wrong type, dtype or shape
+# (tests/test_grad_assignment.py); a step still checks, for a grad changed
+# after assignment.  Writing the raw slot stands for that here.
+set_grad_unchecked = fastsgd.Parameter._grad.__set__
+
 
 def make_optimizer(rng, dtype=np.float32, momentum=0.9):
     """Two groups of three parameters, each with a grad and (after one step)
@@ -42,19 +47,19 @@ def assert_untouched(opt, before):
 # Each case damages group 1, parameter 2 (the last tensor stepped), so that
 # a step that wrote before validating would have written groups 0 and 1.
 def grad_wrong_dtype(p, opt):
-    p.grad = p.grad.astype(np.float64)
+    set_grad_unchecked(p, p.grad.astype(np.float64))
 
 
 def grad_wrong_shape(p, opt):
-    p.grad = np.zeros(p.size + 1, p.dtype)
+    set_grad_unchecked(p, np.zeros(p.size + 1, p.dtype))
 
 
 def grad_is_list(p, opt):
-    p.grad = p.grad.tolist()
+    set_grad_unchecked(p, p.grad.tolist())
 
 
 def grad_is_int_array(p, opt):
-    p.grad = np.zeros(p.shape, np.int64)
+    set_grad_unchecked(p, np.zeros(p.shape, np.int64))
 
 
 def grad_non_contiguous(p, opt):
@@ -160,7 +165,8 @@ def test_first_step_failure_creates_no_state():
     values = rng.standard_normal(4).astype(np.float32)
     good = fastsgd.Parameter(values.copy())
     bad = fastsgd.Parameter(rng.standard_normal(4).astype(np.float32))
-    good.grad, bad.grad = np.ones(4, np.float32), np.ones(5, np.float32)
+    good.grad = np.ones(4, np.float32)
+    set_grad_unchecked(bad, np.ones(5, np.float32))
     opt = fastsgd.SGD([{"params": [good]}, {"params": [bad]}], lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\]"):
         opt.step()
@@ -177,10 +183,12 @@ def test_functional_errors_name_the_list_position():
 
 
 def test_grad_that_is_its_parameter_steps_like_torch():
-    """Exact aliasing is allowed: each element is read before it is written."""
+    """Exact aliasing is allowed: each element is read before it is written
+    (torch refuses a tensor as its own grad, as p.grad = p does, but takes
+    one sharing its memory)."""
     values = np.linspace(-1, 1, 11)
     p = fastsgd.Parameter(values.copy())
-    p.grad = p
+    p.grad = p.view(np.ndarray)
     fastsgd.SGD([p], lr=0.25).step()
     np.testing.assert_array_equal(p, values + np.float64(-0.25) * values)
 

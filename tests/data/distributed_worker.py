@@ -261,8 +261,11 @@ def step_errors(kind, optimizer, model, rank, last, attempt, results):
     before = [np.array(p) for p in model]
 
     def step(grads):
+        # Written to the raw slot: p.grad = g would refuse a wrong grad on its
+        # rank alone; the step's check, which every rank must agree on, is for
+        # a grad changed after assignment.
         for p, g in zip(model, grads):
-            p.grad = g
+            fastsgd.Parameter._grad.__set__(p, g)
         optimizer.step()
 
     def replaced(index, grad, on_rank):
