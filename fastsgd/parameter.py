@@ -5,6 +5,7 @@ import sys
 import numpy as np
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
+_ndarray = np.ndarray  # a module global: one lookup on every grad assignment
 
 
 def is_bfloat16(dtype):
@@ -66,9 +67,9 @@ class Parameter(np.ndarray):
 
     @grad.setter
     def grad(self, grad):
-        # The common grad passes three tests inline (~160 ns a set, torch's
+        # The common grad passes three tests inline (under 200 ns a set, torch's
         # check ~110 ns); anything else gets the full checks and their errors.
-        if grad is not None and (type(grad) is not np.ndarray or grad.dtype is not self.dtype
+        if grad is not None and (type(grad) is not _ndarray or grad.dtype is not self.dtype
                                  or grad.shape != self.shape):
             grad = _checked_grad(self, grad)
         self._grad = grad
