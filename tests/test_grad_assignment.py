@@ -174,7 +174,13 @@ def test_a_read_only_grad_is_stepped_and_refused_by_what_writes_grads():
     with pytest.raises(ValueError, match=r"^params\[1\]: grad is read-only$"):
         fastsgd.clip_grad_value_([p, q], clip_value=1.0)
     assert np.array_equal(p.grad, np.full(3, 100.0))
-    fastsgd.SGD([p, q], lr=1.0).step()
+    opt = fastsgd.SGD([p, q], lr=1.0)
+    scaler = fastsgd.amp.GradScaler(init_scale=4.0)
+    scaler.scale(np.float32(1.0))
+    with pytest.raises(ValueError, match=r"^params\[1\]: grad is read-only$"):
+        scaler.unscale_(opt)
+    assert np.array_equal(p.grad, np.full(3, 100.0))
+    opt.step()
     assert np.array_equal(q, -np.ones(3))
 
 
