@@ -51,7 +51,7 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
     that registers Parameter once the module has run."""
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != _AUTOGRAD_NUMPY:
+        if fullname != _AUTOGRAD_NUMPY or self not in sys.meta_path:
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(fullname)
