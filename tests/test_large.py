@@ -16,7 +16,7 @@ def test_parameter_of_more_than_2_31_elements(threads):
     try:
         n = 2 ** 31 + 17
         p = fastsgd.Parameter(np.ones(n, np.float32))
-        p.grad = p  # the grad is the parameter itself: no second 8 GiB
+        p.grad = p.view(np.ndarray)  # the parameter's own memory: no second 8 GiB
         fastsgd.SGD([p], lr=0.25).step()  # p - 0.25 * p
         assert p.min() == p.max() == np.float32(0.75)
         p[2 ** 31 + 3] = 2.0
