@@ -76,6 +76,8 @@ import json
 import math
 import os
 import re
+import reprlib
+import stat
 import struct
 import sys
 import tempfile
@@ -91,8 +93,12 @@ VERSION = 1
 _PREAMBLE = struct.Struct("<8sIQQ")  # magic, version, header length, payload length
 _DIGEST_SIZE = hashlib.sha256().digest_size
 _MAX_DEPTH = 100
+# The JSON depth of the deepest header save writes: the header object, then
+# per object level a dict node's three ({"dict":[[key, node]]}), then the
+# innermost node's two ({"dict":[]} or {"tuple":[]}).
+_MAX_JSON_DEPTH = 1 + 3 * _MAX_DEPTH + 2
 _MAX_DIMS = 64  # numpy's own limit on ndim
-_SPEC_KEYS = {"dtype", "shape", "order", "offset", "nbytes"}
+_SPEC_KEYS = ("dtype", "shape", "order", "offset", "nbytes")  # in the order save writes
 # Only byte order + kind (bool, signed, unsigned, float, complex) + size: a
 # string np.dtype() could read as objects, records or subarrays never passes.
 _DTYPE_PATTERN = re.compile(r"[<>|][biufc][0-9]{1,2}\Z")
@@ -101,6 +107,7 @@ _PARAMETER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.flo
 # bfloat16's dtype.str is "<V2", which says nothing: it is spelled by name,
 # and loading it needs ml_dtypes, imported then.
 _BFLOAT16 = "bfloat16"
+_HASH_CHUNK = 2**20  # bytes hashed at a time while checking a file's digest
 
 
 def _is_parameter_dtype(dtype):
@@ -139,9 +146,11 @@ def encode(obj):
     """
     encoder = _Encoder()
     root = encoder.encode(obj, 0)
-    header = json.dumps({"arrays": encoder.specs, "root": root},
-                        separators=(",", ":")).encode()
-    return header, encoder.arrays
+    return _header_bytes(encoder.specs, root), encoder.arrays
+
+
+def _header_bytes(specs, root):
+    return json.dumps({"arrays": specs, "root": root}, separators=(",", ":")).encode()
 
 
 class _Encoder:
@@ -180,13 +189,16 @@ class _Encoder:
         if _parse_dtype(_dtype_text(array.dtype)) is None:
             raise TypeError(f"cannot save numpy data of dtype {array.dtype}: only bool, "
                             "integer, float and complex arrays are saved (no pickle)")
+        if array.dtype == np.bool_ and _holds_other_than_0_and_1(array):
+            # numpy makes such arrays (views of bytes) but compares them bytewise
+            raise ValueError("cannot save a bool array holding bytes other than 0 and 1")
         fortran = array.flags.f_contiguous and not array.flags.c_contiguous
         if not (fortran or array.flags.c_contiguous):
             array = np.ascontiguousarray(array)
         offset = self.specs[-1]["offset"] + self.specs[-1]["nbytes"] if self.specs else 0
-        self.specs.append({"dtype": _dtype_text(array.dtype), "shape": list(array.shape),
-                           "order": "F" if fortran else "C",
-                           "offset": offset, "nbytes": array.nbytes})
+        self.specs.append(dict(zip(_SPEC_KEYS, (
+            _dtype_text(array.dtype), list(array.shape), "F" if fortran else "C", offset,
+            array.nbytes))))
         self.arrays.append(array.view(np.ndarray))
         return len(self.arrays) - 1
 
@@ -254,23 +266,64 @@ def _memory_bytes(array):
 def load(path):
     """Read the object saved at ``path`` (str or os.PathLike).
 
-    Raises ``CheckpointError`` (a ValueError) naming ``path`` if the file is
-    not an intact checkpoint, and OSError if it cannot be read at all.
+    Returns the object, or raises ``CheckpointError`` (a ValueError) naming
+    ``path`` for anything at ``path`` that is not an intact checkpoint: a
+    damaged, truncated, forged or foreign file, and a directory, FIFO,
+    device or socket, refused without blocking.  A missing or unreadable
+    path raises ``OSError`` (``FileNotFoundError``, ``PermissionError``), as
+    ``open`` does.  The checksum is checked before anything is decoded or
+    allocated, so a file costs no more than reading it once, and a file
+    bigger than the machine's memory is refused before it is read.  Only an
+    intact checkpoint that does not fit in the memory left raises
+    ``MemoryError``.
     """
     path = os.fsdecode(path)
     try:
-        with open(path, "rb") as file:
+        with _open_regular_file(path) as file:
             return _read_checkpoint(file)
     except CheckpointError as error:
         raise CheckpointError(f"{path}: {error}") from None
 
 
+def _open_regular_file(path):
+    """``path`` opened for binary reading, once it is a regular file.
+
+    The stat of the path refuses what ``open`` would block on (a FIFO with no
+    writer) or fail on (a socket); O_NONBLOCK and the stat of the opened
+    descriptor cover a path replaced by such a file in between.
+    """
+    _check_regular(os.stat(path).st_mode)
+    fd = os.open(path, os.O_RDONLY | _O_NONBLOCK | _O_NOCTTY)
+    try:
+        _check_regular(os.fstat(fd).st_mode)
+        if _O_NONBLOCK:
+            os.set_blocking(fd, True)
+        return open(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # POSIX only, as are FIFOs
+_O_NOCTTY = getattr(os, "O_NOCTTY", 0)  # a terminal device must not become ours
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def _check_regular(mode):
+    if not stat.S_ISREG(mode):
+        kind = next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), "a special file")
+        raise CheckpointError(f"not a fastsgd checkpoint: {kind}, not a regular file")
+
+
 def _read_checkpoint(file):
-    reader = _HashingReader(file)
-    header_length, payload_length = _read_preamble(reader, os.fstat(file.fileno()).st_size)
-    root, arrays = read_arrays(reader.read(header_length), payload_length, reader.read_array)
-    if file.read(_DIGEST_SIZE) != reader.digest.digest():
-        raise CheckpointError("checksum mismatch: the file is damaged")
+    file_size = os.fstat(file.fileno()).st_size
+    header_length, payload_length = _read_preamble(file, file_size)
+    _check_digest(file, file_size)
+    file.seek(_PREAMBLE.size)
+    root, arrays = read_arrays(_read_exactly(file, header_length), payload_length,
+                               lambda *spec: _read_array(file, *spec))
     return decode(root, arrays)
 
 
@@ -278,9 +331,17 @@ def read_arrays(header, payload_length, read_array):
     """``(root, arrays)`` from a header made by ``encode``: each array is
     ``read_array(dtype, shape, order)`` (which returns it filled), called in
     order once every spec of the header is checked; ``root`` is for ``decode``."""
-    header = _parse_header(header)
-    specs = _check_specs(header["arrays"], payload_length)
-    return header["root"], [read_array(*spec) for spec in specs]
+    parsed = _parse_header(header)
+    specs = _check_specs(parsed["arrays"], payload_length)
+    if _header_bytes(parsed["arrays"], parsed["root"]) != header:
+        raise CheckpointError("bad header: not spelled as save writes it (spacing, escapes "
+                              "or numbers written another way)")
+    arrays = [read_array(*spec) for spec in specs]
+    for index, array in enumerate(arrays):
+        if array.dtype == np.bool_ and _holds_other_than_0_and_1(array):
+            raise CheckpointError(f"bad payload: bool array {index} holds bytes other "
+                                  "than 0 and 1")
+    return parsed["root"], arrays
 
 
 def decode(root, arrays):
@@ -288,34 +349,26 @@ def decode(root, arrays):
     return _Decoder(arrays).decode_root(root)
 
 
-class _HashingReader:
-    """Reads exactly the bytes asked for, hashing them."""
-
-    def __init__(self, file):
-        self.file = file
-        self.digest = hashlib.sha256()
-
-    def read(self, size):
-        data = self.file.read(size)
-        self._hash(data, len(data), size)
-        return data
-
-    def read_array(self, dtype, shape, order):
-        array = np.empty(shape, dtype, order=order)
-        view = _memory_bytes(array)
-        self._hash(view, self.file.readinto(view), view.size)
-        return array
-
-    def _hash(self, data, got, size):
-        # The sizes were checked against the file's: this file shrank meanwhile.
-        if got != size:
-            raise CheckpointError("truncated while being read")
-        self.digest.update(data)
+def _read_exactly(file, size):
+    data = file.read(size)
+    # The sizes were checked against the file's: this file shrank meanwhile.
+    if len(data) != size:
+        raise CheckpointError("truncated while being read")
+    return data
 
 
-def _read_preamble(reader, file_size):
-    """(header length, payload length), once the file's size matches them."""
-    preamble = reader.read(min(file_size, _PREAMBLE.size))
+def _read_array(file, dtype, shape, order):
+    array = np.empty(shape, dtype, order=order)
+    view = _memory_bytes(array)
+    if file.readinto(view) != view.size:
+        raise CheckpointError("truncated while being read")
+    return array
+
+
+def _read_preamble(file, file_size):
+    """(header length, payload length), once the file's size matches them
+    and is one this machine could load."""
+    preamble = file.read(min(file_size, _PREAMBLE.size))
     magic = preamble[:len(MAGIC)]
     if magic != MAGIC[:len(magic)]:
         raise CheckpointError(f"not a fastsgd checkpoint: it starts with {magic!r}, "
@@ -332,17 +385,82 @@ def _read_preamble(reader, file_size):
     if file_size != expected:
         what = "truncated" if file_size < expected else "trailing bytes"
         raise CheckpointError(f"{what}: {file_size} bytes, but its lengths say {expected}")
+    _check_fits_in_memory(file_size)
     return header_length, payload_length
 
 
+def _check_fits_in_memory(file_size):
+    """Refuse, before reading it, a file that RAM and swap could not hold
+    (the most Linux lets one allocation reserve by default): loading it
+    would fail after the read, and a sparse file can claim any size."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # unknown here: no bound
+        return
+    if file_size > ram and file_size > ram + _swap_size():
+        raise CheckpointError(f"{file_size} bytes, more than this machine's memory and swap "
+                              "could hold once loaded")
+
+
+def _swap_size():
+    """Swap in bytes, from /proc/meminfo (0 where there is none)."""
+    try:
+        with open("/proc/meminfo", "rb") as meminfo:
+            match = re.search(rb"^SwapTotal:\s*(\d+) kB", meminfo.read(), re.MULTILINE)
+    except OSError:
+        return 0
+    return int(match[1]) * 1024 if match else 0
+
+
+def _check_digest(file, file_size):
+    """Hash the file through one small buffer and compare its trailer, before
+    anything of it is kept: a damaged file, a sparse one included, costs
+    reading it once and no memory."""
+    file.seek(file_size - _DIGEST_SIZE)
+    trailer = _read_exactly(file, _DIGEST_SIZE)
+    # Never a real digest, but what a file preallocated, extended by truncate
+    # or zeroed at its end holds: refused without reading the rest.
+    if trailer == bytes(_DIGEST_SIZE):
+        raise CheckpointError("checksum mismatch: the file ends in zeros, not a SHA-256")
+    file.seek(0)
+    digest = hashlib.sha256()
+    remaining = file_size - _DIGEST_SIZE
+    buffer = memoryview(bytearray(min(remaining, _HASH_CHUNK)))
+    while remaining:
+        got = file.readinto(buffer[:min(remaining, len(buffer))])
+        if not got:
+            raise CheckpointError("truncated while being read")
+        digest.update(buffer[:got])
+        remaining -= got
+    if digest.digest() != trailer:
+        raise CheckpointError("checksum mismatch: the file is damaged")
+
+
 def _parse_header(data):
+    """The header as a dict, once it is JSON no deeper than a saved object's."""
+    depth = _json_depth(data)
+    if depth > _MAX_JSON_DEPTH:
+        raise CheckpointError(f"bad header: JSON nested {depth} deep; a checkpoint's "
+                              f"header is at most {_MAX_JSON_DEPTH}")
     try:
         header = json.loads(data.decode(), object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
         raise CheckpointError(f"damaged header: {error}") from None
-    if not isinstance(header, dict) or header.keys() != {"arrays", "root"}:
+    if not isinstance(header, dict) or list(header) != ["arrays", "root"]:
         raise CheckpointError("damaged header: not an object with 'arrays' and 'root'")
     return header
+
+
+def _json_depth(data):
+    """How deeply the JSON text ``data`` nests, found without parsing it:
+    escapes, then strings, then all but brackets are dropped (each step
+    linear), and the brackets left are counted."""
+    unescaped = re.sub(rb"\\.", b"", data, flags=re.DOTALL)
+    brackets = np.frombuffer(re.sub(rb'"[^"]*"|[^\[\]{}]+', b"", unescaped), np.uint8)
+    if not brackets.size:
+        return 0
+    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
+    return int(np.cumsum(steps).max())
 
 
 def _unique_keys(pairs):
@@ -370,24 +488,29 @@ def _check_specs(specs, payload_length):
 
 
 def _check_spec(spec, offset):
-    if not isinstance(spec, dict) or spec.keys() != _SPEC_KEYS:
-        raise CheckpointError(f"not an object with the keys {sorted(_SPEC_KEYS)}")
+    if not isinstance(spec, dict) or list(spec) != list(_SPEC_KEYS):
+        raise CheckpointError(f"not an object with the keys {list(_SPEC_KEYS)}, in order")
     dtype = _parse_dtype(spec["dtype"])
     if dtype is None:
-        raise CheckpointError(f"bad dtype {spec['dtype']!r}")
+        raise CheckpointError(f"bad dtype {_clip(spec['dtype'])}")
     shape = spec["shape"]
     if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS
             and all(_is_size(n) for n in shape)):
-        raise CheckpointError(f"bad shape {shape!r}")
+        raise CheckpointError(f"bad shape {_clip(shape)}")
     if spec["order"] not in ("C", "F"):
-        raise CheckpointError(f"bad order {spec['order']!r}")
+        raise CheckpointError(f"bad order {_clip(spec['order'])}")
+    # save writes "F" only for an array that is not also C-contiguous: one
+    # with elements and two dimensions longer than 1.
+    if spec["order"] == "F" and (0 in shape or sum(n > 1 for n in shape) < 2):
+        raise CheckpointError(f"order 'F' for shape {shape}, which save writes as 'C'")
     if spec["offset"] != offset or not _is_size(spec["offset"]):
-        raise CheckpointError(f"offset {spec['offset']!r}, but it must be {offset}")
+        raise CheckpointError(f"offset {_clip(spec['offset'])}, but it must be {offset}")
     # Exact Python ints: a huge shape cannot overflow into a small nbytes, and
     # the nbytes of all arrays must add up to the payload, which fits the file.
     nbytes = math.prod(shape) * dtype.itemsize
     if spec["nbytes"] != nbytes or not _is_size(spec["nbytes"]):
-        raise CheckpointError(f"nbytes {spec['nbytes']!r}, but shape and dtype make {nbytes}")
+        raise CheckpointError(f"nbytes {_clip(spec['nbytes'])}, but shape and dtype make "
+                              f"{nbytes}")
     # numpy's own limit, which only an empty array can reach here
     if math.prod(n for n in shape if n) * dtype.itemsize > sys.maxsize:
         raise CheckpointError(f"shape {shape!r} is too big for numpy")
@@ -396,6 +519,10 @@ def _check_spec(spec, offset):
 
 def _is_size(value):
     return type(value) is int and value >= 0
+
+
+def _holds_other_than_0_and_1(bool_array):
+    return bool_array.size and bool_array.view(np.uint8).max() > 1
 
 
 def _parse_dtype(text):
@@ -444,7 +571,11 @@ class _Decoder:
         if tag == "tuple" and isinstance(value, list):
             return tuple(self.decode(item, depth + 1) for item in value)
         if tag == "dict" and isinstance(value, list):
-            return dict(self._decode_item(item, depth + 1) for item in value)
+            items = [self._decode_item(item, depth + 1) for item in value]
+            result = dict(items)
+            if len(result) != len(items):
+                raise CheckpointError("bad header: a dict with a key twice")
+            return result
         if tag in _ARRAY_TAGS:
             return self._take_array(tag, value)
         raise CheckpointError(f"bad header: {_clip(node)} is not a node")
@@ -467,10 +598,20 @@ class _Decoder:
         if tag == "scalar":
             if array.ndim:
                 raise CheckpointError(f"bad header: a scalar of shape {array.shape}")
+            # numpy scalars are native-endian: save never writes another order
+            if not array.dtype.isnative:
+                raise CheckpointError(f"bad header: a scalar of dtype {array.dtype.str}")
             return array[()]
         return array
 
 
+# Error messages show a header's values through this: a bounded repr, never
+# the whole (possibly deep) subtree.
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel = 2
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 40
+
+
 def _clip(node):
-    text = repr(node)
+    text = _SHORT_REPR.repr(node)
     return text if len(text) <= 60 else text[:57] + "..."

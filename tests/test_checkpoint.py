@@ -8,10 +8,12 @@ import os
 import pickle
 import random
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import time
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import numpy as np
 import pytest
 
 import fastsgd
-from fastsgd import CheckpointError, Parameter
+from fastsgd import CheckpointError, Parameter, checkpoint
 
 # ------------------------------------------------------------------ helpers
 
@@ -58,7 +60,7 @@ def forge(path, header, payload=b"", version=1, magic=b"\x89fastsgd"):
     """A file laid out as the module docstring says, checksum included:
     what a forger can write without fastsgd."""
     if not isinstance(header, bytes):
-        header = json.dumps(header).encode()
+        header = json.dumps(header, separators=(",", ":")).encode()  # as save writes it
     body = struct.pack("<8sIQQ", magic, version, len(header), len(payload)) + header + payload
     Path(path).write_bytes(body + hashlib.sha256(body).digest())
 
@@ -331,12 +333,16 @@ def _spec(dtype="<f4", shape=(2,), order="C", offset=0, nbytes=None):
 
 def test_forged_files_load_when_valid(tmp_path):
     """The forger follows the documented format: the refusals below are real."""
-    payload = np.array([1.5, 2.5], "<f4").tobytes() + np.array(7, ">i2").tobytes()
-    header = {"arrays": [_spec(), _spec(">i2", (), offset=8)],
+    native_int16 = np.dtype(np.int16).str  # numpy scalars are native-endian
+    payload = np.array([1.5, 2.5], "<f4").tobytes() + np.array(7, native_int16).tobytes()
+    header = {"arrays": [_spec(), _spec(native_int16, (), offset=8)],
               "root": {"dict": [["p", {"parameter": 0}], [3, {"tuple": [{"scalar": 1}]}]]}}
     forge(tmp_path / "forged", header, payload)
-    assert_same(fastsgd.load(tmp_path / "forged"),
-                {"p": Parameter(np.array([1.5, 2.5], np.float32)), 3: (np.int16(7),)})
+    expected = {"p": Parameter(np.array([1.5, 2.5], np.float32)), 3: (np.int16(7),)}
+    assert_same(fastsgd.load(tmp_path / "forged"), expected)
+    # and it is byte for byte what save writes for it
+    fastsgd.save(expected, tmp_path / "saved")
+    assert (tmp_path / "saved").read_bytes() == (tmp_path / "forged").read_bytes()
 
 
 def _header(spec=None, root=None):
@@ -456,11 +462,14 @@ def test_randomly_forged_headers_load_or_raise_checkpoint_error_only(tmp_path):
         node[last] = rng.choice(HOSTILE_VALUES)
         forge(path, forged, payload)
         try:
-            fastsgd.load(path)
-            outcomes["loaded"] += 1
+            loaded = fastsgd.load(path)
         except CheckpointError:
             outcomes["refused"] += 1
-    assert outcomes["refused"] > 250, outcomes
+            continue
+        outcomes["loaded"] += 1
+        fastsgd.save(loaded, tmp_path / "saved")  # load accepts only what save writes
+        assert (tmp_path / "saved").read_bytes() == path.read_bytes()
+    assert outcomes["refused"] > 250 and outcomes["loaded"] > 10, outcomes
 
 
 @pytest.mark.parametrize("header_length, payload_length, message", [
@@ -478,6 +487,204 @@ def test_other_format_versions_are_refused(tmp_path):
     forge(tmp_path / "forged", {"arrays": [], "root": 1}, version=2)
     with pytest.raises(CheckpointError, match="format version 2"):
         fastsgd.load(tmp_path / "forged")
+
+
+# ------------------------------------------------------------------ deep headers
+
+def test_a_bad_node_over_a_deep_subtree_is_a_checkpoint_error(tmp_path):
+    """A bad node 99 lists deep holding an 800-deep list: the error path once
+    repr()'d the whole subtree and raised RecursionError."""
+    path = tmp_path / "forged"
+    forge(path, b'{"arrays":[],"root":' + b"[" * 99 + b'{"a":' + b"[" * 800 + b"]" * 800
+          + b',"b":1}' + b"]" * 99 + b"}")
+    with pytest.raises(CheckpointError, match=f"^{path}: bad header: JSON nested 901 deep"):
+        fastsgd.load(path)
+
+
+def test_errors_show_a_bounded_part_of_a_bad_node(tmp_path):
+    path = tmp_path / "forged"
+    deep = json.loads("[" * 250 + "]" * 250)
+    forge(path, {"arrays": [], "root": {"a": deep, "b": "x" * 10**5}})
+    with pytest.raises(CheckpointError, match="is not a node") as error:
+        fastsgd.load(path)
+    assert len(str(error.value)) < len(str(path)) + 100
+
+
+def _nested(kind, depth, leaf):
+    for _ in range(depth):
+        leaf = {"list": lambda x: [x], "tuple": lambda x: (x,), "dict": lambda x: {7: x}}[kind](leaf)
+    return leaf
+
+
+@pytest.mark.parametrize("kind", ["list", "tuple", "dict"])
+@pytest.mark.parametrize("leaf", [{}, [], (), np.arange(2.0)], ids=["dict", "list", "tuple",
+                                                                    "array"])
+def test_the_deepest_objects_save_writes_load_and_one_level_more_is_refused(kind, leaf,
+                                                                            tmp_path):
+    deepest = _nested(kind, 100, leaf)
+    assert_same(round_trip(deepest, tmp_path), deepest)
+    with pytest.raises(ValueError, match="nested deeper than 100"):
+        fastsgd.save(_nested(kind, 101, leaf), tmp_path / "deeper")
+    path = tmp_path / "forged"  # what save would write for that object, were it allowed
+    header, arrays = checkpoint.encode(deepest)
+    header = json.loads(header)
+    header["root"] = {"list": lambda x: [x], "tuple": lambda x: {"tuple": [x]},
+                      "dict": lambda x: {"dict": [[7, x]]}}[kind](header["root"])
+    forge(path, header, b"".join(a.tobytes() for a in arrays))
+    with pytest.raises(CheckpointError, match="bad header: (JSON )?nested"):
+        fastsgd.load(path)
+
+
+def test_the_json_depth_bound_is_that_of_the_deepest_header_save_writes():
+    header, _ = checkpoint.encode(_nested("dict", 100, {}))
+    assert checkpoint._json_depth(header) == checkpoint._MAX_JSON_DEPTH
+    for kind in ("list", "tuple", "dict"):
+        for leaf in ({}, [], (), np.arange(2.0)):
+            header, _ = checkpoint.encode(_nested(kind, 100, leaf))
+            assert checkpoint._json_depth(header) <= checkpoint._MAX_JSON_DEPTH
+    assert checkpoint._json_depth(b'["[{", "\\"[", {"a": []}]') == 3
+
+
+# ------------------------------------------------------------------ sparse files
+
+def _sparse_checkpoint(path, payload_length, trailer=None):
+    """A checkpoint of one uint8 array of payload_length bytes of which only the
+    preamble and header are written: the payload is a hole, made by truncate, and
+    so is the trailer unless `trailer` is written there."""
+    header = json.dumps({"arrays": [_spec("|u1", (payload_length,))], "root": {"array": 0}},
+                        separators=(",", ":")).encode()
+    size = 28 + len(header) + payload_length + 32
+    with open(path, "wb") as file:
+        file.write(struct.pack("<8sIQQ", b"\x89fastsgd", 1, len(header), payload_length) + header)
+    os.truncate(path, size)
+    if trailer is not None:
+        with open(path, "r+b") as file:
+            file.seek(size - 32)
+            file.write(trailer)
+    assert os.stat(path).st_blocks * 512 < 2**20  # sparse indeed
+    return size
+
+
+def test_a_sparse_file_bigger_than_memory_is_refused_before_it_is_read(tmp_path):
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if memory >= 2**39:
+        pytest.skip("this machine has memory for a 1 TiB checkpoint")
+    path = tmp_path / "sparse"
+    _sparse_checkpoint(path, 2**40, trailer=b"\xff" * 32)
+    with pytest.raises(CheckpointError, match="more than this machine's memory"):
+        fastsgd.load(path)
+
+
+@pytest.mark.parametrize("trailer, message", [(None, "ends in zeros"),
+                                              (b"\xff" * 32, "checksum mismatch")])
+def test_a_damaged_sparse_file_costs_reading_it_and_no_memory(tmp_path, trailer, message):
+    path = tmp_path / "sparse"
+    _sparse_checkpoint(path, 64 * 2**20, trailer)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match=message):
+            fastsgd.load(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, peak  # one hashing buffer, not the 64 MiB array
+
+
+# ------------------------------------------------------------------ special files
+
+# Loads each path in argv, printing one line per path: how it went.
+LOAD_EACH = """
+import sys, fastsgd
+for path in sys.argv[1:]:
+    try:
+        fastsgd.load(path)
+        print("loaded")
+    except Exception as error:
+        print(type(error).__name__, str(error).replace(chr(10), " "))
+"""
+
+
+def test_special_files_are_refused_promptly(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "link").symlink_to(fifo)
+    (tmp_path / "directory").mkdir()
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "socket"))
+    paths = [fifo, tmp_path / "link", tmp_path / "directory", tmp_path / "socket"]
+    if os.path.exists("/dev/zero"):
+        paths.append(Path("/dev/zero"))
+    try:
+        # in a child, as a FIFO once blocked open() for ever
+        result = subprocess.run([sys.executable, "-c", LOAD_EACH, *map(str, paths)],
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        sock.close()
+    lines = result.stdout.splitlines()
+    kinds = ["a FIFO", "a FIFO", "a directory", "a socket", "a character device"]
+    assert len(lines) == len(paths), result
+    for line, path, kind in zip(lines, paths, kinds):
+        assert line == (f"CheckpointError {path}: not a fastsgd checkpoint: {kind}, "
+                        "not a regular file"), line
+
+
+# ------------------------------------------------------------------ only what save writes
+
+SAVED = {"x": np.arange(2, dtype=np.float32), "y": [1.5, "é"]}
+SAVED_HEADER = checkpoint.encode(SAVED)[0]
+SAVED_PAYLOAD = np.arange(2, dtype=np.float32).tobytes()
+
+NOT_AS_SAVE_WRITES = {
+    "duplicate dict key": ({"arrays": [_spec()], "root": {"dict": [
+        ["x", {"array": 0}], ["x", 1]]}}, "a key twice"),
+    "top keys in another order": ({"root": {"array": 0}, "arrays": [_spec()]},
+                                  "not an object with 'arrays' and 'root'"),
+    "spec keys in another order": ({"arrays": [dict(reversed(_spec().items()))],
+                                    "root": {"array": 0}}, "in order"),
+    "spaces": (json.dumps(json.loads(SAVED_HEADER)).encode(), "not spelled as save"),
+    "a newline at the end": (SAVED_HEADER + b"\n", "not spelled as save"),
+    "a number spelled otherwise": (SAVED_HEADER.replace(b"1.5", b"1.50"), "not spelled as save"),
+    "a character save escapes": (SAVED_HEADER.replace(b"\\u00e9", "é".encode()),
+                                 "not spelled as save"),
+    "order F for a 1-d array": (_header(_spec(order="F")), "order 'F'"),
+    "order F for an empty array": (_header(_spec(shape=(2, 0, 2), order="F")), "order 'F'"),
+    "big-endian scalar": (_header(_spec(">f4", ()), {"scalar": 0}), "scalar of dtype >f4"),
+}
+
+
+@pytest.mark.parametrize("header, message", NOT_AS_SAVE_WRITES.values(),
+                         ids=NOT_AS_SAVE_WRITES.keys())
+def test_headers_save_does_not_write_are_refused(header, message, tmp_path):
+    path = tmp_path / "forged"
+    specs = (json.loads(header) if isinstance(header, bytes) else header)["arrays"]
+    forge(path, header, bytes(range(sum(spec["nbytes"] for spec in specs))))
+    with pytest.raises(CheckpointError, match=f"^{path}: (bad|damaged) header: .*{message}"):
+        fastsgd.load(path)
+
+
+def test_the_header_save_writes_loads(tmp_path):
+    path = tmp_path / "forged"
+    forge(path, SAVED_HEADER, SAVED_PAYLOAD)
+    assert_same(fastsgd.load(path), SAVED)
+
+
+@pytest.mark.parametrize("byte", [2, 0x80, 0xFF])
+def test_bool_arrays_hold_0_and_1_only(byte, tmp_path):
+    path = tmp_path / "forged"
+    forge(path, _header(_spec("|b1", (3,))), bytes([0, 1, byte]))
+    with pytest.raises(CheckpointError, match="bad payload: bool array 0 holds bytes other"):
+        fastsgd.load(path)
+    # and save refuses such an array (numpy makes one from raw bytes) rather than write it
+    with pytest.raises(ValueError, match="bool array holding bytes other than 0 and 1"):
+        fastsgd.save([np.frombuffer(bytes([1, byte]), np.bool_)], tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+
+
+def test_an_empty_array_of_a_huge_shape_round_trips_as_numpy_makes_it(tmp_path):
+    """Harmless: it holds no memory whatever its shape, and numpy's own bound on
+    shapes holds (beyond it, "huge empty shape" above is refused)."""
+    empty = np.empty((0, 2**62), np.bool_)
+    assert_same(round_trip(empty, tmp_path), empty)
 
 
 # ------------------------------------------------------------------ atomic writes
