@@ -11,15 +11,28 @@ it: readable and writable by its owner only.  A symlink at ``path`` is
 replaced by the checkpoint, not followed.
 
 Abused: nothing is pickled.  Loading reads a JSON header and raw array
-bytes; it never imports or calls anything named by the file, checks every
-header field before it allocates, and allocates no more than the file's
-size for arrays.  Any file that is not a checkpoint this module wrote --
-truncated, damaged, forged, or another format such as a pickle -- raises
-``CheckpointError`` naming the path and what is wrong.  (The checksum finds
-damage, not forgery: a forged file with a matching checksum still loads
-only the values it spells out.  The header is checked before the checksum,
-which needs the arrays read, so damage there may be reported as a bad
-header rather than as a checksum mismatch.)
+bytes; it never imports or calls anything named by the file.  ``load``
+returns the object or raises ``CheckpointError`` naming the path and what
+is wrong, for any file that is not a checkpoint this module wrote --
+truncated, damaged, forged, or another format such as a pickle -- and for
+a directory, FIFO, device or socket, refused without opening it for a
+blocking read.  A missing or unreadable path raises ``OSError``, as
+``open`` does.  The cost is bounded by reading the file once: the SHA-256
+is checked first, through a small buffer, before anything is parsed or
+allocated (a file ending in zeros where the digest belongs, as a sparse or
+preallocated one does, and a file larger than the machine's memory and swap
+are refused without reading it); then every header field is checked before
+the arrays are allocated, which take no more than the file's size.  Only
+an intact checkpoint that does not fit in the memory left raises
+``MemoryError``.
+
+The checksum finds damage, not forgery, so the header and payload are held
+to exactly what ``save`` writes: a file with a matching checksum loads only
+if ``save`` would write it byte for byte for what it loads (keys in order,
+JSON spelled as ``save`` spells it, no key twice, nesting no deeper than a
+savable object's, bool bytes 0 or 1, numpy scalars native-endian).  The
+file is read twice, to check it and then to load it: one changed in place
+between the two (``save`` never does that) loads what it holds then.
 
 What can be saved: ``None``, ``bool``, ``int``, ``float`` (nan and inf
 included), ``str``; ``list``, ``tuple`` (not their subclasses, such as
@@ -51,16 +64,19 @@ File format, version 1 (all integers little-endian)::
     8       4     format version, uint32 (1)
     12      8     header length H, uint64
     20      8     payload length P, uint64
-    28      H     header: UTF-8 JSON as Python's json module writes it
-                  (so NaN, Infinity and -Infinity stand for those floats)
+    28      H     header: JSON as json.dumps writes it with separators
+                  (",", ":"): ASCII, no spaces, keys in the order below,
+                  NaN, Infinity and -Infinity for those floats
     28+H    P     payload: the raw bytes of every array, back to back
     28+H+P  32    SHA-256 of all the bytes before it
 
 The header is ``{"arrays": [spec, ...], "root": node}``.  A spec is
 ``{"dtype": dtype.str (or "bfloat16"), "shape": [int, ...], "order": "C" or "F",
-"offset": int, "nbytes": int}``: the array's bytes sit at ``offset`` in
-the payload, in its memory order; each offset is the previous spec's
-offset + nbytes, the first is 0, and the last ends at P.  A node is one of
+"offset": int, "nbytes": int}`` ("F" only for an array that is not also
+C-contiguous; an empty array's shape within numpy's bound all the same):
+the array's bytes sit at ``offset`` in the payload, in its memory order;
+each offset is the previous spec's offset + nbytes, the first is 0, and
+the last ends at P.  A node is one of
 
 - ``null``, ``true``, ``false``, a number or a string: itself;
 - ``[node, ...]``: a list;
@@ -129,8 +145,9 @@ def save(obj, path):
 
     ``path`` keeps its old content until the new one is complete and on
     disk.  Raises ``TypeError`` (or ``ValueError`` for nesting deeper than
-    100 levels, e.g. a cycle) for what cannot be saved, before touching any
-    file; see the module docstring for what can.
+    100 levels, e.g. a cycle, and for a bool array holding bytes other than
+    0 and 1) for what cannot be saved, before touching any file; see the
+    module docstring for what can.
     """
     path = os.fsdecode(path)
     header, arrays = encode(obj)
@@ -285,6 +302,13 @@ def load(path):
         raise CheckpointError(f"{path}: {error}") from None
 
 
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # POSIX only, as are FIFOs
+_O_NOCTTY = getattr(os, "O_NOCTTY", 0)  # a terminal device must not become ours
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
 def _open_regular_file(path):
     """``path`` opened for binary reading, once it is a regular file.
 
@@ -302,13 +326,6 @@ def _open_regular_file(path):
     except BaseException:
         os.close(fd)
         raise
-
-
-_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # POSIX only, as are FIFOs
-_O_NOCTTY = getattr(os, "O_NOCTTY", 0)  # a terminal device must not become ours
-_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-               (stat.S_ISSOCK, "a socket"))
 
 
 def _check_regular(mode):
@@ -330,7 +347,8 @@ def _read_checkpoint(file):
 def read_arrays(header, payload_length, read_array):
     """``(root, arrays)`` from a header made by ``encode``: each array is
     ``read_array(dtype, shape, order)`` (which returns it filled), called in
-    order once every spec of the header is checked; ``root`` is for ``decode``."""
+    order once every spec of the header is checked and the header found
+    spelled as ``encode`` spells it; ``root`` is for ``decode``."""
     parsed = _parse_header(header)
     specs = _check_specs(parsed["arrays"], payload_length)
     if _header_bytes(parsed["arrays"], parsed["root"]) != header:
