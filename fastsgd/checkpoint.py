@@ -474,7 +474,9 @@ def _json_depth(data):
     escapes, then strings, then all but brackets are dropped (each step
     linear), and the brackets left are counted."""
     unescaped = re.sub(rb"\\.", b"", data, flags=re.DOTALL)
-    brackets = np.frombuffer(re.sub(rb'"[^"]*"|[^\[\]{}]+', b"", unescaped), np.uint8)
+    # a quote left over opens a string never closed: not JSON, which json.loads says
+    brackets = re.sub(rb'"[^"]*"|[^\[\]{}"]+', b"", unescaped).replace(b'"', b"")
+    brackets = np.frombuffer(brackets, np.uint8)
     if not brackets.size:
         return 0
     steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
