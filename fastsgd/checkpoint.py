@@ -38,9 +38,10 @@ What can be saved: ``None``, ``bool``, ``int``, ``float`` (nan and inf
 included), ``str``; ``list``, ``tuple`` (not their subclasses, such as
 namedtuples, which would come back as something else) and ``dict`` (keys
 ``str`` or ``int``) of these, at most 100 levels deep; numpy arrays and
-numpy scalars of bool, integer, float or complex dtype, any shape and byte
-order, and of ml_dtypes' bfloat16; and ``fastsgd.Parameter``.  That covers every state_dict of
-``fastsgd.SGD``.  What comes back:
+numpy scalars of bool (bytes 0 and 1), integer, float or complex dtype,
+any shape and byte order, and of ml_dtypes' bfloat16; and
+``fastsgd.Parameter``.  That covers every state_dict of ``fastsgd.SGD``.
+What comes back:
 
 - dicts come back as plain ``dict`` (a ``ParamState`` too) in their order;
 - arrays come back as new, writable, aligned ndarrays with the same dtype
@@ -475,8 +476,8 @@ def _json_depth(data):
     linear), and the brackets left are counted."""
     unescaped = re.sub(rb"\\.", b"", data, flags=re.DOTALL)
     # a quote left over opens a string never closed: not JSON, which json.loads says
-    brackets = re.sub(rb'"[^"]*"|[^\[\]{}"]+', b"", unescaped).replace(b'"', b"")
-    brackets = np.frombuffer(brackets, np.uint8)
+    brackets = np.frombuffer(re.sub(rb'"[^"]*"|[^\[\]{}"]+', b"", unescaped).replace(b'"', b""),
+                             np.uint8)
     if not brackets.size:
         return 0
     steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)

@@ -1,5 +1,6 @@
-"""fastsgd.save / fastsgd.load: round trips, refusals, damaged and forged
-files, and atomicity under SIGKILL."""
+"""fastsgd.save / fastsgd.load: round trips, refusals, damaged, forged, deep,
+sparse and special files, headers save would not write, and atomicity under
+SIGKILL."""
 import collections
 import contextlib
 import hashlib
