@@ -1,5 +1,6 @@
 """The coverage-guided fuzzer of fastsgd.load (tests/fuzz_checkpoint.py), run in a child with
 a deadline and a memory cap: a short run by default, a long one under -m slow."""
+import os
 import re
 import resource
 import subprocess
@@ -25,7 +26,9 @@ def run_fuzzer(seconds, directory):
     result = subprocess.run(
         [sys.executable, str(FUZZER), f"-max_total_time={seconds}", "-timeout=10",
          "-rss_limit_mb=1536", "-malloc_limit_mb=1536", f"-artifact_prefix={directory}/"],
-        cwd=directory, preexec_fn=_cap_memory, capture_output=True, text=True,
+        # TMPDIR: the fuzzer's working files and corpus go where pytest removes them
+        cwd=directory, env={**os.environ, "TMPDIR": str(directory)}, preexec_fn=_cap_memory,
+        capture_output=True, text=True,
         timeout=seconds + 120)
     tail = result.stderr[-4000:]
     assert result.returncode == 0, tail
