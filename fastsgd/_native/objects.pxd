@@ -9,6 +9,7 @@
 # cimports this one calls init_objects() once at import.
 cimport numpy as cnp
 from cpython.object cimport PyObject, PyTypeObject
+from cpython.dict cimport PyDict_GetItem
 from cpython.ref cimport Py_INCREF
 
 from fastsgd._native.kernels cimport FASTSGD_BF16, FASTSGD_F16, FASTSGD_F32, FASTSGD_F64
@@ -32,6 +33,7 @@ cdef extern from "numpy/ndarraytypes.h":
 ctypedef PyArrayObject_fields *array_ptr
 
 cdef extern from "Python.h":
+    PyObject *PyImport_GetModuleDict()  # sys.modules (borrowed)
     # Py_TYPE and PyObject_TypeCheck on borrowed pointers: plain reads of an
     # object and its type, which Cython lets run without the GIL.
     PyTypeObject *type_of "Py_TYPE"(PyObject *x) nogil
@@ -95,9 +97,12 @@ cdef inline bint refresh_bfloat16() except -1:
     global BFLOAT16_TYPE
     if BFLOAT16_TYPE != NULL:
         return False
-    import sys
-    ml_dtypes = sys.modules.get("ml_dtypes")
-    bfloat16 = getattr(ml_dtypes, "bfloat16", None)
+    # sys.modules read without an import statement, which allocates: this
+    # runs on every staging of a tensor off the fast path until then
+    cdef PyObject *ml_dtypes = PyDict_GetItem(<object>PyImport_GetModuleDict(), "ml_dtypes")
+    if ml_dtypes == NULL:
+        return False
+    bfloat16 = getattr(<object>ml_dtypes, "bfloat16", None)
     if not isinstance(bfloat16, type):
         return False
     Py_INCREF(bfloat16)  # held for the life of the process

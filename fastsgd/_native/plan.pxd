@@ -18,6 +18,24 @@ cdef enum:
     MIN_TENSORS_PER_STAGING_THREAD = 512
 
 
+cdef struct Span:
+    char *low
+    char *high
+    PyObject *array  # borrowed: the step holds it
+    Py_ssize_t position
+    bint staged
+    bint dense
+
+
+cdef class Staging:
+    """A tensor stepped through contiguous copies: its arrays this step, the
+    arrays the kernel steps instead (the copies, or an array itself when it
+    is dense in the copies' layout), and the copies, kept for later steps."""
+    cdef object param, grad, buf  # the tensor's arrays this step (buf: None without)
+    cdef object kernel_param, kernel_grad, kernel_buf
+    cdef object param_copy, grad_copy, buf_copy
+
+
 cdef class GroupPlan:
     """One parameter group's step: validated and staged by prepare_group()
     or prepare_lists(), then run() (which cannot fail), then commit() (which
@@ -53,6 +71,12 @@ cdef class GroupPlan:
     cdef object cached_version
     cdef bint cached_with_momentum
     cdef list arrays_held  # the params and cached buffers again: see batch.pxd
+    # Per position, the Staging of a tensor stepped through contiguous copies
+    # (or None): kept across steps, so that a steady-state step allocates nothing.
+    cdef list stagings
+    cdef Py_ssize_t staged_count  # stagings in use this step
+    cdef Span *spans  # check_staged_apart's work array, grown only
+    cdef Py_ssize_t spans_capacity
     cdef int64_t *staged  # StagingJob.results, for as many tensors as the batches hold
 
     cdef int read_options(self, dict options, Py_ssize_t group_index) except -1
@@ -72,6 +96,14 @@ cdef class GroupPlan:
     cdef int stage_master_group(self, object state, Py_ssize_t group_index) except -1
     cdef int stage_master(self, Py_ssize_t i, object param, object state, dict pending,
                           Py_ssize_t group_index) except -1
+    cdef int stage_copies(self, Py_ssize_t index, object param, object grad, object buf,
+                          bint buf_is_new) except -1
+    cdef int check_staged_apart(self, list params, list grads, list buffers, object state,
+                                Py_ssize_t group_index) except -1
+    cdef int add_span(self, Py_ssize_t *count, object array, Py_ssize_t position) except -1
+    cdef int gather(self) except -1
+    cdef int scatter(self) except -1
+    cdef void end_staging(self) noexcept
     cdef int check_alphas(self, Py_ssize_t group_index) except -1
     cdef bint grads_finite(self)
     cdef void run(self, bint roofline, float inv_scale)

@@ -13,23 +13,33 @@ cimport numpy as cnp
 from cpython.dict cimport PyDict_Check, PyDict_GetItem, PyDict_GetItemWithError
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.mem cimport PyMem_Free
+from cpython.object cimport PyObject
+from libc.stdlib cimport qsort
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 
 from fastsgd._native cimport kernels
-from fastsgd._native.batch cimport (StagingJob, dtype_of, grow, hold_shared, may_alias,
-                                    or_shared, put_entry)
+from fastsgd._native.batch cimport (StagingJob, dtype_of, grow, hold, hold_shared, let_go,
+                                    may_alias, or_shared, put_entry)
 from fastsgd._native.kernels cimport (FASTSGD_F16, FASTSGD_NDTYPES,
                                       FASTSGD_NEW_BUF, FASTSGD_NEW_MASTER, fastsgd_impl,
                                       fastsgd_tensor_list)
-from fastsgd._native.objects cimport (GRAD_OFFSET, PARAMETER_TYPE, PyListObject,
+from fastsgd._native.objects cimport (DENSE, GRAD_OFFSET, PARAMETER_TYPE, PyListObject,
                                       PyTupleObject, array_ptr, grad_of, grad_slot,
-                                      init_objects, refresh_bfloat16, type_of)
-from fastsgd._native.rules cimport (check_alpha_fits, explain_master_rejection,
-                                    explain_rejection, flag_option, master_steps_as_is, option,
-                                    real_option, steps_as_is, where)
+                                      init_objects, refresh_bfloat16, size_of, type_of)
+from fastsgd._native.rules cimport (check_alpha_fits, check_tensor, explain_master_rejection,
+                                    flag_option, master_steps_as_is, option, real_option,
+                                    same_strides, sharing, sharing_reason, span_of,
+                                    steps_as_is, where)
 
 from fastsgd.optimizer import ParamState
 from fastsgd.parameter import Parameter
+
+cdef extern from "numpy/arrayobject.h":
+    # An uninitialised array of prototype's shape and dtype (descr NULL),
+    # its dimensions in the order of prototype's strides: dense, a base
+    # ndarray whatever prototype's class (no __array_function__ dispatch).
+    object PyArray_NewLikeArray(cnp.ndarray prototype, cnp.NPY_ORDER order, PyObject *descr,
+                                int subok)
 
 cnp.import_array()
 init_objects()
@@ -169,9 +179,11 @@ cdef class GroupPlan:
         self.new_buffers = []
         self.new_masters = []
         self.master_arrays = []
+        self.stagings = []
 
     def __dealloc__(self):
         PyMem_Free(self.staged)
+        PyMem_Free(self.spans)
 
     cdef int read_options(self, dict options, Py_ssize_t group_index) except -1:
         self.hyper.neg_lr = -real_option(options, "lr", group_index)
@@ -198,6 +210,7 @@ cdef class GroupPlan:
 
     cdef int reset(self, Py_ssize_t n) except -1:
         self.clear_batches()
+        self.end_staging()
         cdef int d
         if n > self.batch(0).capacity:
             self.staged = <int64_t *>grow(self.staged, n * sizeof(int64_t))
@@ -223,7 +236,7 @@ cdef class GroupPlan:
             buf = self.earlier_buffers[param]  # an earlier group's run fills it first
         elif buf is None:
             if steps_as_is(<PyObject *>param, <PyObject *>grad, NULL) < 0:
-                explain_rejection(param, grad, None, group_index, index)
+                check_tensor(param, grad, None, group_index, index)
             buf = _empty_like(param, cnp.PyArray_TYPE(<cnp.ndarray>param))
             buf_is_new = True
             self.new_buffers.append((index, buf))
@@ -232,7 +245,8 @@ cdef class GroupPlan:
         size = steps_as_is(<PyObject *>param, <PyObject *>grad,
                            <PyObject *>buf if buf is not None else NULL)
         if size < 0:
-            explain_rejection(param, grad, buf, group_index, index)
+            check_tensor(param, grad, buf, group_index, index)  # raises, or it is staged
+            return self.stage_copies(index, param, grad, buf, buf_is_new)
         self.batch_of(<PyObject *>param).add(<PyObject *>param, <PyObject *>grad,
                                              <PyObject *>buf if buf is not None else NULL,
                                              size, buf_is_new, True)
@@ -333,6 +347,8 @@ cdef class GroupPlan:
                 self.batch_of(param).add(param, grad, buf, size, False, False)
             elif size == _SLOW:
                 self.stage_slowly(i, <object>param, state, group_index)
+        if self.staged_count:
+            self.check_staged_apart(None, None, None, state, group_index)
         return self.check_alphas(group_index)
 
     cdef bint stage_in_parallel(self, Py_ssize_t n) except -1:
@@ -413,6 +429,9 @@ cdef class GroupPlan:
             if grads[i] is not None:
                 self.stage(i, params[i], grads[i],
                            buffers[i] if self.with_momentum else None, -1)
+        if self.staged_count:
+            self.check_staged_apart(params, grads, buffers if self.with_momentum else None,
+                                    None, -1)
         return self.check_alphas(-1)
 
     cdef void run(self, bint roofline, float inv_scale):
@@ -449,8 +468,9 @@ cdef class GroupPlan:
                     kernels.sgd(impl, d, &self.hyper, &lists[d], serial[d])
 
     cdef int commit(self, object state) except -1:
-        """Store the buffers and masters this step created and let go of
-        the arrays."""
+        """Copy the staged tensors' results back, store the buffers and
+        masters this step created and let go of the arrays."""
+        self.scatter()
         self.clear_batches()
         cdef Py_ssize_t i
         for i, buf in self.new_buffers:
@@ -460,6 +480,178 @@ cdef class GroupPlan:
         if self.master_arrays:
             del self.master_arrays[:]
         return 0
+
+    # ------------------------------------------------------ strided tensors
+
+    cdef int stage_copies(self, Py_ssize_t index, object param, object grad, object buf,
+                          bint buf_is_new) except -1:
+        """Stage a tensor that passed the rules but not steps_as_is(): the
+        kernel steps a contiguous copy of each of its arrays that is not
+        dense in the layout of the parameter's copy (gather() fills the
+        copies, scatter() writes the parameter and buffer back)."""
+        while PyList_GET_SIZE(self.stagings) <= index:
+            self.stagings.append(None)
+        cdef Staging staging = <Staging>self.stagings[index]
+        if staging is None:
+            staging = Staging()
+            self.stagings[index] = staging
+        cdef object kernel_param = param
+        if not cnp.PyArray_FLAGS(<cnp.ndarray>param) & DENSE:
+            staging.param_copy = _copy_for(staging.param_copy, param)
+            kernel_param = staging.param_copy
+        cdef object kernel_grad = grad
+        if not same_strides(<cnp.ndarray>grad, <cnp.ndarray>kernel_param):
+            staging.grad_copy = _copy_for(staging.grad_copy, kernel_param)
+            kernel_grad = staging.grad_copy
+        cdef object kernel_buf = buf
+        if buf is not None and not same_strides(<cnp.ndarray>buf, <cnp.ndarray>kernel_param):
+            staging.buf_copy = _copy_for(staging.buf_copy, kernel_param)
+            kernel_buf = staging.buf_copy
+        staging.param = param
+        staging.grad = grad
+        staging.buf = buf
+        staging.kernel_param = kernel_param
+        staging.kernel_grad = kernel_grad
+        staging.kernel_buf = kernel_buf
+        # held as a batch holds its arrays (batch.pxd): gather() and scatter()
+        # may release the GIL
+        hold(<PyObject *>grad)
+        if buf is not None:
+            hold(<PyObject *>buf)
+        self.staged_count += 1
+        self.batch_of(<PyObject *>param).add(
+            <PyObject *>kernel_param, <PyObject *>kernel_grad,
+            <PyObject *>kernel_buf if buf is not None else NULL,
+            size_of(<array_ptr>param), buf_is_new, True)
+        return 0
+
+    cdef int check_staged_apart(self, list params, list grads, list buffers, object state,
+                                Py_ssize_t group_index) except -1:
+        """Rule: a staged tensor's arrays share no memory with another
+        tensor's of the group.  Its copies are filled before the group's
+        kernel runs and written back after, so another tensor's update could
+        not see its update, nor it theirs, in the group's order as in torch.
+        The explicit lists of the functional API, or the cached group (params
+        None)."""
+        cdef Py_ssize_t i, j, count = 0, n
+        cdef Staging staging
+        n = len(params) if params is not None else PyTuple_GET_SIZE(self.cached_params)
+        for i in range(n):
+            staging = <Staging>self.stagings[i] if i < PyList_GET_SIZE(self.stagings) else None
+            if staging is not None and staging.param is not None:
+                self.add_span(&count, staging.param, i)
+                self.add_span(&count, staging.grad, i)
+                self.add_span(&count, staging.buf, i)
+            elif params is not None:
+                if grads[i] is not None:  # else not stepped
+                    self.add_span(&count, params[i], i)
+                    self.add_span(&count, grads[i], i)
+                    if buffers is not None:
+                        self.add_span(&count, buffers[i], i)
+            else:
+                param = <object>PyTuple_GET_ITEM(self.cached_params, i)
+                grad = grad_of(param) if isinstance(param, Parameter) else None
+                if grad is None:
+                    continue  # not stepped
+                self.add_span(&count, param, i)
+                self.add_span(&count, grad, i)
+                if self.with_momentum:
+                    buf = <object>PyList_GET_ITEM(self.cached_buffers, i)
+                    if buf is _LOOK_UP:
+                        buf = _buffer_in_state(state, param, group_index, i)
+                    self.add_span(&count, buf, i)
+        qsort(self.spans, count, sizeof(Span), _by_low)
+        cdef Span *a
+        cdef Span *b
+        cdef int shared
+        for i in range(count):
+            a = &self.spans[i]
+            for j in range(i + 1, count):
+                b = &self.spans[j]
+                if b.low >= a.high:
+                    break
+                if a.position == b.position or not (a.staged or b.staged):
+                    continue
+                shared = 1 if a.dense and b.dense else sharing(<cnp.ndarray>a.array,
+                                                               <cnp.ndarray>b.array)
+                if shared:
+                    if not b.staged or (a.staged and a.position > b.position):
+                        a, b = b, a
+                    raise ValueError(
+                        f"{where(group_index, b.position)}: is stepped through contiguous "
+                        f"copies (it is not contiguous), and its parameter, grad or "
+                        f"momentum_buffer shares memory with those of "
+                        f"{where(group_index, a.position)}{sharing_reason(shared)}; such a "
+                        f"tensor must share memory with no other tensor of its group")
+        return 0
+
+    cdef int add_span(self, Py_ssize_t *count, object array, Py_ssize_t position) except -1:
+        if not cnp.PyArray_Check(array):
+            return 0
+        if count[0] == self.spans_capacity:
+            self.spans_capacity = 2 * self.spans_capacity + 16
+            self.spans = <Span *>grow(self.spans, self.spans_capacity * sizeof(Span))
+        cdef Span *span = &self.spans[count[0]]
+        span_of(<cnp.ndarray>array, &span.low, &span.high)
+        if span.low == span.high:
+            return 0
+        span.array = <PyObject *>array
+        span.position = position
+        span.staged = (position < PyList_GET_SIZE(self.stagings)
+                       and self.stagings[position] is not None
+                       and (<Staging>self.stagings[position]).param is not None)
+        span.dense = (cnp.PyArray_FLAGS(<cnp.ndarray>array) & DENSE) != 0
+        count[0] += 1
+        return 0
+
+    cdef int gather(self) except -1:
+        """Fill the copies of the staged tensors, right before run()."""
+        if not self.staged_count:
+            return 0
+        cdef Staging staging
+        for item in self.stagings:
+            staging = <Staging>item
+            if staging is None or staging.param is None:
+                continue
+            if staging.kernel_param is not staging.param:
+                cnp.PyArray_CopyInto(staging.kernel_param, staging.param)
+            if staging.kernel_grad is not staging.grad:
+                cnp.PyArray_CopyInto(staging.kernel_grad, staging.grad)
+            if staging.kernel_buf is not staging.buf:
+                cnp.PyArray_CopyInto(staging.kernel_buf, staging.buf)
+        return 0
+
+    cdef int scatter(self) except -1:
+        """Write the staged tensors' stepped copies back, right after run()."""
+        if not self.staged_count:
+            return 0
+        cdef Staging staging
+        for item in self.stagings:
+            staging = <Staging>item
+            if staging is None or staging.param is None:
+                continue
+            if staging.kernel_param is not staging.param:
+                cnp.PyArray_CopyInto(staging.param, staging.kernel_param)
+            if staging.kernel_buf is not staging.buf:
+                cnp.PyArray_CopyInto(staging.buf, staging.kernel_buf)
+        self.end_staging()
+        return 0
+
+    cdef void end_staging(self) noexcept:
+        """Let go of the staged tensors' arrays (the copies are kept)."""
+        if not self.staged_count:
+            return
+        cdef Staging staging
+        for item in self.stagings:
+            staging = <Staging>item
+            if staging is None or staging.param is None:
+                continue
+            let_go(<PyObject *>staging.grad)
+            if staging.buf is not None:
+                let_go(<PyObject *>staging.buf)
+            staging.param = staging.grad = staging.buf = None
+            staging.kernel_param = staging.kernel_grad = staging.kernel_buf = None
+        self.staged_count = 0
 
     # ---------------------------------------------- half precision (issue 14)
 
@@ -578,10 +770,43 @@ cdef object _grad_of_parameter(object param, Py_ssize_t i, Py_ssize_t group_inde
     return grad_of(param)
 
 
+cdef class Staging:
+    pass
+
+
+cdef int _by_low(const void *a, const void *b) noexcept nogil:
+    cdef char *a_low = (<Span *>a).low
+    cdef char *b_low = (<Span *>b).low
+    return -1 if a_low < b_low else 1 if a_low > b_low else 0
+
+
+cdef object _copy_for(object copy, object template):
+    """copy if it can hold a copy of template (its shape, dtype and, for a
+    dense template, strides), else a new array that can."""
+    cdef cnp.ndarray t = <cnp.ndarray>template
+    cdef cnp.ndarray c
+    cdef int d
+    if copy is not None:
+        c = <cnp.ndarray>copy
+        if (cnp.PyArray_TYPE(c) == cnp.PyArray_TYPE(t)
+                and cnp.PyArray_NDIM(c) == cnp.PyArray_NDIM(t)
+                and (not cnp.PyArray_FLAGS(t) & DENSE or same_strides(c, t))):
+            for d in range(cnp.PyArray_NDIM(t)):
+                if cnp.PyArray_DIM(c, d) != cnp.PyArray_DIM(t, d):
+                    break
+            else:
+                return copy
+    return PyArray_NewLikeArray(t, cnp.NPY_KEEPORDER, NULL, 0)
+
+
 cdef object _empty_like(object param, int typenum):
     """An uninitialised array of param's shape and memory order, of type
-    typenum.  Not np.empty_like: it dispatches to a subclass's
+    typenum (a strided param's: its dimensions in the order of its strides,
+    dense).  Not np.empty_like: it dispatches to a subclass's
     __array_function__, which may return anything."""
+    if not cnp.PyArray_FLAGS(<cnp.ndarray>param) & DENSE:
+        # (a momentum buffer: masters exist only for dense 16-bit params)
+        return PyArray_NewLikeArray(<cnp.ndarray>param, cnp.NPY_KEEPORDER, NULL, 0)
     return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>param),
                              cnp.PyArray_DIMS(<cnp.ndarray>param), typenum,
                              not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>param))

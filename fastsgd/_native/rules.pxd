@@ -123,9 +123,9 @@ cdef inline bint is_like(array_ptr p, PyObject *x, bint must_write) noexcept nog
     return same_layout(p, a)
 
 
-cdef inline int check_layout(cnp.ndarray param, cnp.ndarray arr, str what,
-                             Py_ssize_t group_index, Py_ssize_t index) except -1:
-    """arr has param's shape and is contiguous in the same order."""
+cdef inline int check_shape(cnp.ndarray param, cnp.ndarray arr, str what,
+                            Py_ssize_t group_index, Py_ssize_t index) except -1:
+    """arr has param's shape."""
     cdef int ndim = cnp.PyArray_NDIM(param)
     cdef int d
     cdef bint same_shape = cnp.PyArray_NDIM(arr) == ndim
@@ -137,6 +137,14 @@ cdef inline int check_layout(cnp.ndarray param, cnp.ndarray arr, str what,
     if not same_shape:
         raise ValueError(f"{where(group_index, index)}: {what} has shape {(<object>arr).shape}, "
                          f"but the parameter has shape {(<object>param).shape}")
+    return 0
+
+
+cdef inline int check_layout(cnp.ndarray param, cnp.ndarray arr, str what,
+                             Py_ssize_t group_index, Py_ssize_t index) except -1:
+    """arr has param's shape and is contiguous in the same order (master
+    weights' arrays)."""
+    check_shape(param, arr, what, group_index, index)
     if not ((cnp.PyArray_IS_C_CONTIGUOUS(param) and cnp.PyArray_IS_C_CONTIGUOUS(arr))
             or (cnp.PyArray_IS_F_CONTIGUOUS(param) and cnp.PyArray_IS_F_CONTIGUOUS(arr))):
         raise ValueError(f"{where(group_index, index)}: {what} must be contiguous in "
@@ -151,7 +159,7 @@ cdef inline int check_like(cnp.ndarray param, object x, str what, Py_ssize_t gro
     if cnp.PyArray_TYPE(arr) != cnp.PyArray_TYPE(param):
         raise TypeError(f"{where(group_index, index)}: {what} has dtype {arr.dtype}, "
                         f"but the parameter has dtype {param.dtype}")
-    return check_layout(param, arr, what, group_index, index)
+    return check_shape(param, arr, what, group_index, index)
 
 
 # Rule: a grad is its parameter or shares none of its memory (an element-wise
@@ -162,23 +170,147 @@ cdef inline bint apart(array_ptr a, array_ptr b, Py_ssize_t nbytes) noexcept nog
     return nbytes == 0 or a.data + nbytes <= b.data or b.data + nbytes <= a.data
 
 
-cdef inline bint disjoint(cnp.ndarray a, cnp.ndarray b) noexcept:
-    return apart(<array_ptr>a, <array_ptr>b, cnp.PyArray_NBYTES(a))
+# ------------------------------------------------------------ strided arrays
+#
+# A tensor whose arrays are not all contiguous in one order is stepped through
+# contiguous copies (plan.pyx): the rules below are what it must satisfy, checked
+# by check_tensor() on the calling thread, never on the fast path.
+
+# How much work numpy's exact overlap test (np.shares_memory) may do before
+# giving up; two arrays it cannot decide on count as sharing memory.
+cdef enum:
+    SHARES_MEMORY_MAX_WORK = 100_000
 
 
-cdef inline bint same_or_disjoint(cnp.ndarray a, cnp.ndarray b) noexcept:
-    return cnp.PyArray_DATA(a) == cnp.PyArray_DATA(b) or disjoint(a, b)
+cdef inline void span_of(cnp.ndarray a, char **low, char **high) noexcept:
+    """The bytes a's elements occupy, [low, high) (empty when a is)."""
+    cdef char *lo = <char *>cnp.PyArray_DATA(a)
+    cdef char *hi = lo + cnp.PyArray_ITEMSIZE(a)
+    cdef cnp.npy_intp reach
+    cdef int d
+    for d in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIM(a, d) == 0:
+            low[0] = high[0] = <char *>cnp.PyArray_DATA(a)
+            return
+        reach = cnp.PyArray_STRIDE(a, d) * (cnp.PyArray_DIM(a, d) - 1)
+        if reach < 0:
+            lo += reach
+        else:
+            hi += reach
+    low[0] = lo
+    high[0] = hi
+
+
+cdef inline bint same_strides(cnp.ndarray a, cnp.ndarray b) noexcept:
+    """Whether a and b (of one shape) place each element at the same offset
+    from their first."""
+    cdef int d
+    for d in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIM(a, d) > 1 and cnp.PyArray_STRIDE(a, d) != cnp.PyArray_STRIDE(b, d):
+            return False
+    return True
+
+
+cdef inline bint same_view(cnp.ndarray a, cnp.ndarray b) noexcept:
+    return cnp.PyArray_DATA(a) == cnp.PyArray_DATA(b) and same_strides(a, b)
+
+
+# Rule: a written array's elements do not overlap each other.  Exact enough:
+# its dimensions sorted by |stride|, each stride steps over everything the
+# smaller ones reach.  A zero stride on a dimension longer than 1 (a broadcast
+# view) always fails, as torch's in-place ops refuse such a tensor.
+cdef inline bint overlaps_itself(cnp.ndarray a) noexcept:
+    if cnp.PyArray_FLAGS(a) & DENSE or cnp.PyArray_SIZE(a) == 0:
+        return False
+    cdef cnp.npy_intp steps[cnp.NPY_MAXDIMS]
+    cdef cnp.npy_intp counts[cnp.NPY_MAXDIMS]
+    cdef cnp.npy_intp step, count, extent = cnp.PyArray_ITEMSIZE(a)
+    cdef int d, k, n = 0
+    for d in range(cnp.PyArray_NDIM(a)):
+        count = cnp.PyArray_DIM(a, d)
+        if count < 2:
+            continue
+        step = cnp.PyArray_STRIDE(a, d)
+        step = -step if step < 0 else step
+        k = n
+        while k > 0 and steps[k - 1] > step:  # insertion sort by |stride|
+            steps[k] = steps[k - 1]
+            counts[k] = counts[k - 1]
+            k -= 1
+        steps[k] = step
+        counts[k] = count
+        n += 1
+    for k in range(n):
+        if steps[k] < extent:
+            return True
+        extent += steps[k] * (counts[k] - 1)
+    return False
+
+
+cdef inline int check_no_self_overlap(cnp.ndarray a, str what, Py_ssize_t group_index,
+                                      Py_ssize_t index) except -1:
+    if overlaps_itself(a):
+        raise ValueError(f"{where(group_index, index)}: {what}: unsupported operation: more than "
+                         f"one element of the written-to tensor refers to a single memory "
+                         f"location. Please clone() the tensor before performing the operation.")
+    return 0
+
+
+cdef inline int sharing(cnp.ndarray a, cnp.ndarray b) except -1:
+    """0 if a and b share no memory, 1 if they do, 2 if numpy's exact test
+    gave up (SHARES_MEMORY_MAX_WORK) on strided arrays whose spans meet."""
+    cdef char *a_lo
+    cdef char *a_hi
+    cdef char *b_lo
+    cdef char *b_hi
+    span_of(a, &a_lo, &a_hi)
+    span_of(b, &b_lo, &b_hi)
+    if a_lo == a_hi or b_lo == b_hi or a_hi <= b_lo or b_hi <= a_lo:
+        return 0
+    if cnp.PyArray_FLAGS(a) & cnp.PyArray_FLAGS(b) & DENSE:
+        return 1  # both dense: their spans are their elements
+    import numpy
+    try:
+        return 1 if numpy.shares_memory(a, b, max_work=SHARES_MEMORY_MAX_WORK) else 0
+    except numpy.exceptions.TooHardError:
+        return 2
+
+
+cdef inline str sharing_reason(int shared):
+    """What sharing() found, for an error message."""
+    if shared == 2:
+        return (f" (numpy's exact test gave up after max_work={SHARES_MEMORY_MAX_WORK}: "
+                f"such arrays count as sharing)")
+    return ""
+
+
+# Rule: float16 and bfloat16 tensors are contiguous in one order.  torch
+# rounds the elements of a strided 16-bit tensor differently from those of a
+# contiguous one (its vectorized loop runs on contiguous inner rows, its
+# scalar loop elsewhere, and the two round differently); the 16-bit kernels
+# follow the contiguous case.
+cdef inline int check_half_layout(cnp.ndarray param, cnp.ndarray arr, str what,
+                                  Py_ssize_t group_index, Py_ssize_t index) except -1:
+    if kernel_dtype(<array_ptr>param) < FASTSGD_F16:
+        return 0
+    if not same_layout(<array_ptr>param, <array_ptr>arr):
+        raise ValueError(f"{where(group_index, index)}: {what} must be contiguous"
+                         f"{'' if arr is param else ' in the order of the parameter'} for a "
+                         f"{param.dtype} parameter: torch rounds strided 16-bit tensors "
+                         f"differently from contiguous ones")
+    return 0
 
 
 # ------------------------------------------------------------- a whole tensor
 
 # Every rule above for a parameter, its grad and its buffer (NULL without
 # momentum): the fast path of every step, and the error that explains a
-# refusal.  A parameter is contiguous: it is updated in place.
+# refusal.  The fast path takes dense arrays in one memory order only; the
+# rest, if check_tensor() passes them, is staged through contiguous copies.
 cdef inline Py_ssize_t steps_as_is(PyObject *param, PyObject *grad,
                                    PyObject *buf) noexcept nogil:
-    """The number of elements of param when the tensor passes every rule,
-    else -1."""
+    """The number of elements of param when the tensor passes every rule
+    and steps without copies, else -1."""
     if not is_array(param):
         return -1
     cdef array_ptr p = <array_ptr>param
@@ -212,22 +344,29 @@ cdef inline int explain_rejection(object param, object grad, object buf,
 
 cdef inline int check_tensor(object param, object grad, object buf,
                              Py_ssize_t group_index, Py_ssize_t index) except -1:
-    """Raise the error of the first rule param, grad or buf breaks, if any."""
+    """Raise the error of the first rule param, grad or buf breaks, if any.
+    A tensor that passes but not steps_as_is() is staged."""
     check_float_array(param, "parameter", group_index, index, True)
     cdef cnp.ndarray p = <cnp.ndarray>param
-    if not (cnp.PyArray_IS_C_CONTIGUOUS(p) or cnp.PyArray_IS_F_CONTIGUOUS(p)):
-        raise ValueError(f"{where(group_index, index)}: parameter must be contiguous "
-                         f"(C or Fortran order); it is updated in place, never "
-                         f"through a copy")
+    check_no_self_overlap(p, "parameter", group_index, index)
+    check_half_layout(p, p, "parameter", group_index, index)
     check_like(p, grad, "grad", group_index, index, False)
-    if not same_or_disjoint(p, <cnp.ndarray>grad):
+    cdef cnp.ndarray g = <cnp.ndarray>grad
+    check_half_layout(p, g, "grad", group_index, index)
+    cdef int shared = 0 if same_view(p, g) else sharing(p, g)
+    if shared:
         raise ValueError(f"{where(group_index, index)}: grad partially overlaps the "
-                         f"parameter's memory")
-    if buf is not None:
-        check_like(p, buf, "momentum_buffer", group_index, index, True)
-        if not (disjoint(p, <cnp.ndarray>buf) and disjoint(<cnp.ndarray>grad, <cnp.ndarray>buf)):
-            raise ValueError(f"{where(group_index, index)}: momentum_buffer shares "
-                             f"memory with the parameter or its grad")
+                         f"parameter's memory{sharing_reason(shared)}")
+    if buf is None:
+        return 0
+    check_like(p, buf, "momentum_buffer", group_index, index, True)
+    cdef cnp.ndarray b = <cnp.ndarray>buf
+    check_no_self_overlap(b, "momentum_buffer", group_index, index)
+    check_half_layout(p, b, "momentum_buffer", group_index, index)
+    shared = sharing(p, b) or sharing(g, b)
+    if shared:
+        raise ValueError(f"{where(group_index, index)}: momentum_buffer shares memory with "
+                         f"the parameter or its grad{sharing_reason(shared)}")
     return 0
 
 

@@ -70,6 +70,7 @@ cdef class SGDStepper:
                         run = False
             for plan in self.plans:
                 if run:
+                    (<GroupPlan>plan).gather()
                     (<GroupPlan>plan).run(False, inv_scale)
                     (<GroupPlan>plan).commit(state)
                 else:
@@ -120,6 +121,8 @@ def sgd(params, grads, momentum_buffers, dict options):
     cdef GroupPlan plan = GroupPlan()
     params = list(params)  # one hold on the params; the plan's arrays_held is the other
     plan.prepare_lists(params, list(grads), list(momentum_buffers), options)
+    plan.gather()
     plan.run(False, 1.0)
+    plan.scatter()
     plan.clear_batches()
     return plan.new_buffers
