@@ -397,52 +397,156 @@ add("buffer_read_only", """
     opt.state[P1[2]]["momentum_buffer"].flags.writeable = False
     expect_error(ValueError, W(1, 2) + "momentum_buffer is read-only")
 """)
-add("grad_broadcast_view", """
-    P1[1].grad = np.broadcast_to(np.ones(3), (2, 3))
-    expect_error(ValueError, W(1, 1) + "grad must be contiguous in the same order as the parameter")
+add("grad_broadcast_view_like_torch", """
+    P1[1].grad = np.broadcast_to(np.ones(3), (2, 3))   # read, never written: may overlap itself
+    check_like_torch()
 """)
 
 # --------------------------------------- non-contiguous and negative strides
+# Stepped through contiguous copies (plan.pyx), in place: the parameter and its
+# buffer are the caller's arrays after the step.
 
-add("param_strided_view", """
-    p = Parameter(np.zeros(10)[::2])
-    p.grad = np.zeros(5)
+add("param_strided_view_like_torch", """
+    base = np.zeros(10)
+    p = Parameter(base[::2])
+    p.grad = np.arange(5.0)
     opt.param_groups[1]["params"].append(p)
-    expect_error(ValueError, W(1, 4) + "parameter must be contiguous")
+    check_like_torch(steps=3)
+    assert np.shares_memory(p, base) and not base[1::2].any()
 """)
-add("param_negative_stride", """
-    p = Parameter(np.arange(5.0)[::-1])
-    p.grad = np.zeros(5)
+add("param_negative_stride_like_torch", """
+    base = np.arange(5.0)
+    p = Parameter(base[::-1])
+    p.grad = np.ones(5)
     opt.param_groups[1]["params"].append(p)
-    expect_error(ValueError, W(1, 4) + "parameter must be contiguous")
+    check_like_torch(steps=3)
+    assert np.shares_memory(p, base)
 """)
-add("grad_negative_stride", """
+add("param_column_of_3d_like_torch", """
+    base = arr((4, 3, 2), np.float32)
+    p = Parameter(base[..., 0])
+    p.grad = arr((4, 3), np.float32)
+    opt.param_groups[0]["params"].append(p)
+    check_like_torch(steps=3)
+    assert np.array_equal(p, base[..., 0])
+    buf = opt.state[p]["momentum_buffer"]
+    assert buf.shape == (4, 3) and (buf.flags.c_contiguous or buf.flags.f_contiguous)
+""")
+add("params_interleaved_like_torch", """
+    # columns 0 and 1 of one matrix: their spans meet, their elements do not
+    base = arr((6, 2), np.float32)
+    a, b = Parameter(base[:, 0]), Parameter(base[:, 1])
+    a.grad, b.grad = arr(6, np.float32), arr(6, np.float32)
+    opt.param_groups[0]["params"] += [a, b]
+    check_like_torch(steps=3)
+""")
+add("grad_negative_stride_like_torch", """
     P1[0].grad = P1[0].grad[::-1]
-    expect_error(ValueError, W(1, 0) + "grad must be contiguous in the same order as the parameter")
+    check_like_torch()
 """)
-add("grad_strided", """
-    P0[0].grad = np.zeros(10, np.float32)[::2]
-    expect_error(ValueError, W(0, 0) + "grad must be contiguous in the same order as the parameter")
+add("grad_strided_like_torch", """
+    P0[0].grad = arr(10, np.float32)[::2]
+    check_like_torch()
 """)
-add("grad_column_of_2d", """
-    P1[1].grad = np.zeros((2, 6), order="F")[:, ::2]
-    expect_error(ValueError, W(1, 1) + "grad must be contiguous in the same order as the parameter")
+add("grad_column_of_2d_like_torch", """
+    P1[1].grad = arr((2, 6), np.float64, "F")[:, ::2]
+    check_like_torch()
 """)
-add("grad_c_order_for_fortran_param", """
+add("grad_c_order_for_fortran_param_like_torch", """
     P1[1].grad = np.ascontiguousarray(P1[1].grad)
-    expect_error(ValueError, W(1, 1) + "grad must be contiguous in the same order as the parameter")
+    check_like_torch()
 """)
-add("grad_fortran_order_for_c_param", """
+add("grad_fortran_order_for_c_param_like_torch", """
     P0[1].grad = np.asfortranarray(P0[1].grad)
-    expect_error(ValueError, W(0, 1) + "grad must be contiguous in the same order as the parameter")
+    check_like_torch()
 """)
-add("buffer_negative_stride", """
-    opt.state[P0[0]]["momentum_buffer"] = opt.state[P0[0]]["momentum_buffer"][::-1].copy()[::-1]
-    expect_error(ValueError, W(0, 0) + "momentum_buffer must be contiguous")
+add("buffer_negative_stride_like_torch", """
+    buf = opt.state[P0[0]]["momentum_buffer"][::-1].copy()[::-1]
+    opt.state[P0[0]]["momentum_buffer"] = buf
+    check_like_torch()
+    assert opt.state[P0[0]]["momentum_buffer"] is buf
 """)
-add("buffer_wrong_order", """
-    opt.state[P1[1]]["momentum_buffer"] = np.ascontiguousarray(opt.state[P1[1]]["momentum_buffer"])
-    expect_error(ValueError, W(1, 1) + "momentum_buffer must be contiguous in the same order")
+add("buffer_wrong_order_like_torch", """
+    buf = np.ascontiguousarray(opt.state[P1[1]]["momentum_buffer"])
+    opt.state[P1[1]]["momentum_buffer"] = buf
+    check_like_torch()
+    assert opt.state[P1[1]]["momentum_buffer"] is buf
+""")
+
+# ----------------------------------------------------- memory that overlaps
+OVERLAP = ("unsupported operation: more than one element of the written-to tensor refers to a "
+           "single memory location. Please clone() the tensor before performing the operation.")
+
+add("param_zero_stride_refused", f"""
+    raw = np.zeros(3)
+    p = np.lib.stride_tricks.as_strided(raw, (2, 3), (0, 8), writeable=True).view(Parameter)
+    p.grad = np.ones((2, 3))
+    opt.param_groups[1]["params"].append(p)
+    expect_error(ValueError, W(1, 4) + re.escape("parameter: {OVERLAP}"))
+""")
+add("param_overlapping_strides_refused", f"""
+    raw = np.zeros(10)
+    p = np.lib.stride_tricks.as_strided(raw, (4, 3), (16, 8), writeable=True).view(Parameter)
+    p.grad = np.ones((4, 3))
+    opt.param_groups[1]["params"].append(p)
+    expect_error(ValueError, W(1, 4) + re.escape("parameter: {OVERLAP}"))
+""")
+add("buffer_overlapping_itself_refused", f"""
+    raw = np.zeros(1, np.float32)
+    opt.state[P0[0]]["momentum_buffer"] = np.lib.stride_tricks.as_strided(
+        raw, (5,), (0,), writeable=True)
+    expect_error(ValueError, W(0, 0) + re.escape("momentum_buffer: {OVERLAP}"))
+""")
+add("strided_params_sharing_memory_refused", """
+    base = np.zeros((6, 4))
+    a, b = Parameter(base[:, ::2]), Parameter(base[::2, ::2])   # b's elements are a's
+    a.grad, b.grad = np.ones((6, 2)), np.ones((3, 2))
+    opt.param_groups[1]["params"] += [a, b]
+    expect_error(ValueError, W(1, 5) + "is stepped through contiguous copies")
+""")
+add("strided_param_listed_twice_refused", """
+    p = Parameter(np.zeros((6, 4))[:, ::2])
+    p.grad = np.ones((6, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.param_groups[1]["params"] += [p, p]
+    expect_error(ValueError, W(1, 5) + "is stepped through contiguous copies")
+""")
+add("strided_grad_is_another_param_refused", """
+    p = Parameter(np.zeros((5, 2))[:, 0])
+    p.grad = P1[0][::-1]   # reversed: staged, and it is a parameter of the group
+    opt.param_groups[1]["params"].append(p)
+    expect_error(ValueError, W(1, 4) + "is stepped through contiguous copies")
+""")
+add("strided_param_base_resize_refused_by_numpy", """
+    base = np.zeros(12)
+    p = Parameter(base[::3])
+    p.grad = np.ones(4)
+    opt.param_groups[1]["params"].append(p)
+    try:
+        base.resize(100)   # refcheck: the view p references base
+        raise AssertionError("resized")
+    except ValueError:
+        pass
+    check_like_torch()
+""")
+add("strided_read_only_views_refused", """
+    p = np.broadcast_to(np.zeros(3), (2, 3)).view(Parameter)
+    p.grad = np.ones((2, 3))
+    opt.param_groups[1]["params"].append(p)
+    expect_error(ValueError, W(1, 4) + "parameter is read-only")
+    q = np.zeros(10)[::2]
+    q.flags.writeable = False
+    opt.param_groups[1]["params"][4] = q.view(Parameter)
+    opt.param_groups[1]["params"][4].grad = np.ones(5)
+    expect_error(ValueError, W(1, 4) + "parameter is read-only")
+""")
+add("strided_float16_refused", """
+    p = Parameter(np.zeros((4, 4), np.float16)[:, ::2])
+    p.grad = np.ones((4, 2), np.float16)
+    opt.add_param_group({"params": [p]})
+    expect_error(ValueError, W(2, 0) + "parameter must be contiguous for a float16 parameter: "
+                 "torch rounds strided 16-bit tensors differently from contiguous ones")
 """)
 add("fortran_param_and_grad_like_torch", """
     # The float64 (2, 3) parameter and its grad and buffer are Fortran-ordered.

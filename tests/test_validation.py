@@ -62,8 +62,10 @@ def grad_is_int_array(p, opt):
     set_grad_unchecked(p, np.zeros(p.shape, np.int64))
 
 
-def grad_non_contiguous(p, opt):
-    p.grad = np.zeros(p.size * 2, p.dtype)[::2]
+def grad_of_strided_param_is_another_param(p, opt):
+    param = fastsgd.Parameter(np.zeros((p.size, 2), p.dtype)[:, 0])
+    param.grad = opt.param_groups[1]["params"][0][:p.size]
+    opt.param_groups[1]["params"][2] = param
 
 
 def grad_partially_overlaps_param(p, opt):
@@ -97,10 +99,18 @@ def param_read_only(p, opt):
     p.flags.writeable = False
 
 
-def param_non_contiguous(p, opt):
-    param = fastsgd.Parameter(np.zeros((p.size, 2), p.dtype)[:, 0])
-    param.grad = np.zeros(p.size, p.dtype)
+def param_overlaps_itself(p, opt):
+    raw = np.zeros(p.size, p.dtype)
+    param = np.lib.stride_tricks.as_strided(raw, (p.size, 2), (raw.itemsize, 0), writeable=True)
+    param = param.view(fastsgd.Parameter)
+    param.grad = np.zeros(param.shape, p.dtype)
     opt.param_groups[1]["params"][2] = param
+
+
+def buffer_overlaps_itself(p, opt):
+    raw = np.zeros(1, p.dtype)
+    opt.state[p]["momentum_buffer"] = np.lib.stride_tricks.as_strided(
+        raw, p.shape, (0,), writeable=True)
 
 
 def param_byte_swapped(p, opt):
@@ -114,6 +124,10 @@ def lr_is_a_string(p, opt):
     opt.param_groups[1]["lr"] = "fast"
 
 
+# torch's error for an in-place op on a tensor whose elements overlap
+OVERLAP = ("unsupported operation: more than one element of the written-to tensor refers to a "
+           "single memory location. Please clone() the tensor before performing the operation.")
+
 CASES = {
     grad_wrong_dtype: (TypeError, "param_groups[1]['params'][2]: grad has dtype float64, "
                                   "but the parameter has dtype float32"),
@@ -123,8 +137,11 @@ CASES = {
                               "but got list"),
     grad_is_int_array: (TypeError, "param_groups[1]['params'][2]: grad must be float32, "
                                    "float64, float16 or bfloat16, but got int64"),
-    grad_non_contiguous: (ValueError, "param_groups[1]['params'][2]: grad must be contiguous "
-                                      "in the same order as the parameter"),
+    grad_of_strided_param_is_another_param: (
+        ValueError, "param_groups[1]['params'][2]: is stepped through contiguous copies (it is "
+                    "not contiguous), and its parameter, grad or momentum_buffer shares memory "
+                    "with those of param_groups[1]['params'][0]; such a tensor must share "
+                    "memory with no other tensor of its group"),
     grad_partially_overlaps_param: (ValueError, "param_groups[1]['params'][2]: grad partially "
                                                 "overlaps the parameter's memory"),
     buffer_wrong_shape: (ValueError, "param_groups[1]['params'][2]: momentum_buffer has "
@@ -137,9 +154,9 @@ CASES = {
     buffer_is_the_param: (ValueError, "param_groups[1]['params'][2]: momentum_buffer shares "
                                       "memory with the parameter or its grad"),
     param_read_only: (ValueError, "param_groups[1]['params'][2]: parameter is read-only"),
-    param_non_contiguous: (ValueError, "param_groups[1]['params'][2]: parameter must be "
-                                       "contiguous (C or Fortran order); it is updated in "
-                                       "place, never through a copy"),
+    param_overlaps_itself: (ValueError, f"param_groups[1]['params'][2]: parameter: {OVERLAP}"),
+    buffer_overlaps_itself: (ValueError, f"param_groups[1]['params'][2]: momentum_buffer: "
+                                         f"{OVERLAP}"),
     param_byte_swapped: (ValueError, "param_groups[1]['params'][2]: parameter must be aligned "
                                      "and in native byte order"),
     lr_is_a_string: (TypeError, "param_groups[1]['lr'] must be a real number, but got str"),
