@@ -127,6 +127,80 @@ def test_grid(capability, dtype, options):
             assert (p.grad is None) if g is None else np.array_equal(p.grad, g)
 
 
+# Strided parameters: (name, base shape, the view).  torch has no negative
+# strides: its twin of a reversed view is a contiguous copy (same values).
+LAYOUTS = [
+    ("transposed", (6, 9), lambda a: a.T),
+    ("sliced with a step", (8, 9), lambda a: a[1::3, ::2]),
+    ("negative step", (7, 5), lambda a: a[::-2, ::-1]),
+    ("[..., 0] of 3-d", (10, 5, 2), lambda a: a[..., 0]),
+    ("transposed column of 3-d", (5, 4, 3), lambda a: a[:, :, 1].T),
+    ("zero-size", (4, 6), lambda a: a[:0, ::2]),
+    ("0-d", (3, 4), lambda a: a[1, 2, ...]),
+]
+NEGATIVE = {"negative step"}
+
+
+class StridedTwins:
+    """A strided parameter per layout, as fastsgd, reference and torch
+    parameters viewing bases of the same values."""
+
+    def __init__(self, rng, dtype):
+        self.bases = [rng.standard_normal(shape).astype(dtype) for _, shape, _ in LAYOUTS]
+        self.fast_bases = [b.copy() for b in self.bases]
+        self.fast = [fastsgd.Parameter(view(b)) for b, (_, _, view) in
+                     zip(self.fast_bases, LAYOUTS)]
+        self.ref = [fastsgd.Parameter(view(b.copy())) for b, (_, _, view) in
+                    zip(self.bases, LAYOUTS)]
+        self.torch = [torch.nn.Parameter(_torch_view(b.copy(), name, view))
+                      for b, (name, _, view) in zip(self.bases, LAYOUTS)]
+
+    def set_grads(self, rng, step):
+        for i, (name, shape, view) in enumerate(LAYOUTS):
+            base = rng.standard_normal(shape).astype(self.bases[i].dtype)
+            g = view(base)
+            if step % 2:  # contiguous grads on odd steps, in the other order if 2-d
+                g = np.array(g, order="F" if g.flags.c_contiguous and g.ndim > 1 else "C")
+            self.fast[i].grad, self.ref[i].grad = g, g.copy()
+            self.torch[i].grad = _torch_view(base, name, view) if step % 2 == 0 else \
+                torch.from_numpy(np.array(g))
+
+
+def _torch_view(base, name, view):
+    if name in NEGATIVE:
+        return torch.from_numpy(np.ascontiguousarray(view(base)))
+    return view(torch.from_numpy(base))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("options", OPTIONS, ids=option_id)
+def test_strided_parameters(capability, dtype, options):
+    """Parameters and grads of every layout, stepped in place through
+    contiguous copies, equal torch's and the reference's, and nothing else
+    of their bases changes."""
+    rng = np.random.default_rng(zlib.crc32(f"strided {dtype.__name__} "
+                                           f"{option_id(options)}".encode()))
+    twins = StridedTwins(rng, dtype)
+    # one contiguous parameter beside them, on the fast path
+    dense = Twins(rng, [(4, 3)], dtype)
+    fast_opt = fastsgd.SGD(twins.fast + dense.fast, lr=0.05, **options)
+    ref_opt = reference.SGD(twins.ref + dense.ref, lr=0.05, **options)
+    torch_opt = torch.optim.SGD(twins.torch + dense.torch, lr=0.05, foreach=False, **options)
+    for step in range(4):
+        twins.set_grads(rng, step)
+        dense.set_grads(rng, lambda i: True)
+        for opt in (fast_opt, torch_opt, ref_opt):
+            opt.step()
+        assert_same(fast_opt, torch_opt, ref_opt, twins)
+        assert_same(fast_opt, torch_opt, ref_opt, dense)
+    for p, base, original, (_, _, view) in zip(twins.fast, twins.fast_bases, twins.bases,
+                                               LAYOUTS):
+        assert p.size == 0 or np.shares_memory(p, base)
+        untouched = np.ones(base.shape, bool)
+        view(untouched)[...] = False
+        np.testing.assert_array_equal(base[untouched], original[untouched])
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_functional_matches_torch(capability, dtype):
     rng = np.random.default_rng(3)
@@ -142,6 +216,24 @@ def test_functional_matches_torch(capability, dtype):
         for p, tp, b, tb in zip(twins.fast, twins.torch, bufs, tbufs):
             np.testing.assert_array_equal(p, tp.detach().numpy())
             np.testing.assert_array_equal(b, tb.numpy())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_functional_strided_matches_torch(capability, dtype):
+    rng = np.random.default_rng(6)
+    base = rng.standard_normal((6, 8, 2)).astype(dtype)
+    params = [fastsgd.Parameter(base.copy()[..., 0].T)]
+    tparams = [torch.from_numpy(base.copy())[..., 0].T]
+    bufs, tbufs = [None], [None]
+    options = dict(weight_decay=1e-2, momentum=0.8, lr=0.1, dampening=0.1,
+                   nesterov=False, maximize=False)
+    for _ in range(3):
+        g = rng.standard_normal((6, 8, 2)).astype(dtype)
+        fastsgd.functional.sgd(params, [g[:, :, 1].T], bufs, **options)
+        torch_functional_sgd(tparams, [torch.from_numpy(g)[:, :, 1].T], tbufs, foreach=False,
+                             **options)
+        np.testing.assert_array_equal(params[0], tparams[0].numpy())
+        np.testing.assert_array_equal(bufs[0], tbufs[0].numpy())
 
 
 def test_one_native_call_per_group_and_dtype():
