@@ -117,6 +117,54 @@ def test_bad_grads_are_named():
         fastsgd.clip_grad_value_([p, q], 1.0)
 
 
+STRIDED = [lambda a: a[..., 0], lambda a: a[:, :, 1].T, lambda a: a[::2, ::-1, 2]]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_clip_grad_value_of_strided_grads_is_torchs_clamp(dtype):
+    """Element-wise: a strided grad is clamped through a dense copy, in place,
+    with the bits torch's clamp_ gives (16-bit included)."""
+    rng = np.random.default_rng(7)
+    bases = [rng.standard_normal((9, 6, 3)).astype(dtype) for _ in STRIDED]
+    params = [fastsgd.Parameter(view(b).copy()) for view, b in zip(STRIDED, bases)]
+    for p, view, b in zip(params, STRIDED, bases):
+        p.grad = view(b)
+    expected = [torch.from_numpy(np.ascontiguousarray(p.grad)).clamp_(-0.5, 0.5).numpy()
+                for p in params]
+    fastsgd.clip_grad_value_(params, 0.5)
+    for p, view, b, e in zip(params, STRIDED, bases, expected):
+        assert np.shares_memory(p.grad, b)
+        np.testing.assert_array_equal(view(b), e)
+
+
+def test_clip_grad_norm_refuses_strided_grads():
+    """torch sums a strided tensor in an order of its own: its norm differs
+    from the dense one's in the last bits, so fastsgd refuses rather than
+    differ."""
+    p = fastsgd.Parameter(np.ones((4, 3)))
+    p.grad = np.ones((4, 3, 2))[..., 0]
+    with pytest.raises(ValueError, match=r"^params\[0\]: grad must be contiguous \(C or Fortran "
+                                         r"order\) for a norm"):
+        fastsgd.clip_grad_norm_([p], 1.0)
+    np.testing.assert_array_equal(p.grad, 1.0)
+
+
+def test_strided_grads_that_overlap_are_refused():
+    raw = np.ones(6)
+    p, q = fastsgd.Parameter(np.ones(3)), fastsgd.Parameter(np.ones((3, 2)))
+    p.grad = raw[::2]
+    q.grad = np.lib.stride_tricks.as_strided(np.ones(3), (3, 2), (8, 0), writeable=True)
+    with pytest.raises(ValueError, match=r"^params\[1\]: grad: unsupported operation: more than "
+                                         r"one element of the written-to tensor"):
+        fastsgd.clip_grad_value_([p, q], 0.5)
+    q = fastsgd.Parameter(np.ones(3))
+    q.grad = raw[4::-2]  # p.grad's elements, reversed
+    with pytest.raises(ValueError, match=r"^params\[0\]: grad is not contiguous and shares "
+                                         r"memory with another grad"):
+        fastsgd.clip_grad_value_([p, q], 0.5)
+    np.testing.assert_array_equal(raw, 1.0)
+
+
 @pytest.mark.parametrize("call", [lambda g, pos: fastsgd._native.grad_norms(g, pos, 2.0),
                                   lambda g, pos: fastsgd._native.scale_grads(g, pos, 0.5),
                                   lambda g, pos: fastsgd._native.clamp_grads(g, pos, -1.0, 1.0)],

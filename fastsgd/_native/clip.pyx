@@ -13,9 +13,11 @@ from libc.stdint cimport int64_t
 from fastsgd._native cimport kernels
 from fastsgd._native.batch cimport Batch, dtype_of
 from fastsgd._native.kernels cimport FASTSGD_NDTYPES, fastsgd_impl
-from fastsgd._native.objects cimport DENSE, array_ptr, init_objects, refresh_bfloat16, size_of
-from fastsgd._native.rules cimport (apart, check_float_array, check_like, is_float_array,
-                                    is_like, where)
+from fastsgd._native.objects cimport (DENSE, array_ptr, dense_like, init_objects,
+                                      refresh_bfloat16, size_of)
+from fastsgd._native.rules cimport (apart, check_float_array, check_layout, check_like,
+                                    check_no_self_overlap, is_float_array, is_like, sharing,
+                                    where)
 
 cnp.import_array()
 init_objects()
@@ -27,12 +29,14 @@ cdef class GradLists:
     from in the caller's list."""
     cdef tuple batches
     cdef list positions  # per dtype
+    cdef list copies  # [(grad, its dense copy)] for the grads that are not contiguous
 
-    def __cinit__(self, list grads, list positions, bint writable):
+    def __cinit__(self, list grads, list positions, bint writable, bint elementwise):
         if len(positions) != len(grads):
             raise ValueError(f"got {len(grads)} grads and {len(positions)} positions")
         self.batches = tuple(Batch() for _ in range(FASTSGD_NDTYPES))
         self.positions = [[] for _ in range(FASTSGD_NDTYPES)]
+        self.copies = []
         cdef Batch batch
         for batch in self.batches:
             batch.reserve(len(grads))
@@ -43,8 +47,7 @@ cdef class GradLists:
             check_float_array(grad, "grad", -1, position, writable)
             if not (cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>grad)
                     or cnp.PyArray_IS_F_CONTIGUOUS(<cnp.ndarray>grad)):
-                raise ValueError(f"{where(-1, position)}: grad must be contiguous "
-                                 f"(C or Fortran order)")
+                grad = self.copy_of(grads, i, position, elementwise, writable)
             dtype = dtype_of(<array_ptr>grad)
             (<Batch>self.batches[dtype]).add(<PyObject *>grad, <PyObject *>grad, NULL,
                                              size_of(<array_ptr>grad), False, False)
@@ -53,10 +56,38 @@ cdef class GradLists:
     cdef Batch batch(self, int dtype):
         return <Batch>self.batches[dtype]
 
+    cdef object copy_of(self, list grads, Py_ssize_t i, object position, bint elementwise,
+                        bint writable):
+        """A dense copy of the strided grads[i], which the kernel reads (and
+        writes) instead; write_back() copies it back.  An element-wise op
+        gives the same bits on it; a norm would not: torch sums a strided
+        tensor's elements in an order of its own."""
+        cdef Py_ssize_t j
+        grad = grads[i]
+        if not elementwise:
+            raise ValueError(f"{where(-1, position)}: grad must be contiguous (C or Fortran "
+                             f"order) for a norm: torch sums a strided tensor's elements in an "
+                             f"order of its own, so the norm could differ from torch's")
+        if writable:
+            check_no_self_overlap(grad, "grad", -1, position)
+            for j in range(len(grads)):
+                if j != i and cnp.PyArray_Check(grads[j]) and sharing(grad, grads[j]):
+                    raise ValueError(f"{where(-1, position)}: grad is not contiguous and "
+                                     f"shares memory with another grad")
+        copy = dense_like(grad)
+        cnp.PyArray_CopyInto(copy, grad)
+        self.copies.append((grad, copy))
+        return copy
+
+    cdef int write_back(self) except -1:
+        for grad, copy in self.copies:
+            cnp.PyArray_CopyInto(grad, copy)
+        return 0
+
 
 def grad_norms(list grads, list positions, double p):
     """The p-norm of each grad, in double (positions name them in errors)."""
-    cdef GradLists lists = GradLists(grads, positions, False)
+    cdef GradLists lists = GradLists(grads, positions, False, False)
     cdef const fastsgd_impl *impl = kernels.kernel()
     norms = np.empty(len(grads))
     cdef cnp.ndarray[double] part
@@ -75,7 +106,7 @@ def grad_norms(list grads, list positions, double p):
 def scale_grads(list grads, list positions, double coef):
     """``grad *= coef`` for every grad, coef rounded to each grad's dtype (to
     float32 for a 16-bit grad, which is rounded back once)."""
-    cdef GradLists lists = GradLists(grads, positions, True)
+    cdef GradLists lists = GradLists(grads, positions, True, True)
     cdef const fastsgd_impl *impl = kernels.kernel()
     cdef Batch batch
     cdef int d
@@ -83,11 +114,12 @@ def scale_grads(list grads, list positions, double coef):
         batch = lists.batch(d)
         with nogil:
             kernels.scale(impl, d, batch.count, batch.params, batch.sizes, coef)
+    lists.write_back()
 
 
 def clamp_grads(list grads, list positions, double lo, double hi):
     """grad = clamp(grad, lo, hi) for every grad."""
-    cdef GradLists lists = GradLists(grads, positions, True)
+    cdef GradLists lists = GradLists(grads, positions, True, True)
     cdef const fastsgd_impl *impl = kernels.kernel()
     cdef Batch batch
     cdef int d
@@ -95,13 +127,14 @@ def clamp_grads(list grads, list positions, double lo, double hi):
         batch = lists.batch(d)
         with nogil:
             kernels.clamp(impl, d, batch.count, batch.params, batch.sizes, lo, hi)
+    lists.write_back()
 
 
 def unscale_grads(list grads, list positions, float inv_scale):
     """GradScaler's unscale: grad *= inv_scale (a float32) for every grad, in
     place, as torch's _amp_foreach_non_finite_check_and_unscale_; returns
     whether any element of any grad was inf or NaN."""
-    cdef GradLists lists = GradLists(grads, positions, True)
+    cdef GradLists lists = GradLists(grads, positions, True, True)
     cdef const fastsgd_impl *impl = kernels.kernel()
     cdef Batch batch
     cdef int d
@@ -110,6 +143,7 @@ def unscale_grads(list grads, list positions, float inv_scale):
         batch = lists.batch(d)
         with nogil:
             found |= kernels.unscale(impl, d, batch.count, batch.params, batch.sizes, inv_scale)
+    lists.write_back()
     return found
 
 
@@ -133,6 +167,7 @@ cdef int explain_average(object avg, object cur, Py_ssize_t i) except -1:
         raise ValueError(f"{where(-1, i)}: averaged array must be contiguous "
                          f"(C or Fortran order)")
     check_like(<cnp.ndarray>avg, cur, "current array", -1, i, False)
+    check_layout(<cnp.ndarray>avg, <cnp.ndarray>cur, "current array", -1, i)
     raise ValueError(f"{where(-1, i)}: the current array shares part of the averaged "
                      f"array's memory")
 

@@ -165,3 +165,17 @@ cdef inline void *owner_of(PyObject *x) noexcept nogil:
     while type_check(x, NDARRAY_TYPE) and (<array_ptr>x).base != NULL:
         x = (<array_ptr>x).base
     return <void *>x
+
+
+cdef extern from "numpy/arrayobject.h":
+    # An uninitialised array of prototype's shape and dtype (descr NULL), its
+    # dimensions in the order of prototype's strides: dense, and a base
+    # ndarray whatever prototype's class (no __array_function__ dispatch).
+    object PyArray_NewLikeArray(cnp.ndarray prototype, cnp.NPY_ORDER order, PyObject *descr,
+                                int subok)
+
+
+cdef inline object dense_like(object a):
+    """An uninitialised dense array of a's shape and dtype, in a's memory
+    order (the copy a strided array is stepped through)."""
+    return PyArray_NewLikeArray(<cnp.ndarray>a, cnp.NPY_KEEPORDER, NULL, 0)

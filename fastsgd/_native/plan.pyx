@@ -24,7 +24,7 @@ from fastsgd._native.kernels cimport (FASTSGD_F16, FASTSGD_NDTYPES,
                                       FASTSGD_NEW_BUF, FASTSGD_NEW_MASTER, fastsgd_impl,
                                       fastsgd_tensor_list)
 from fastsgd._native.objects cimport (DENSE, GRAD_OFFSET, PARAMETER_TYPE, PyListObject,
-                                      PyTupleObject, array_ptr, grad_of, grad_slot,
+                                      PyTupleObject, array_ptr, dense_like, grad_of, grad_slot,
                                       init_objects, refresh_bfloat16, size_of, type_of)
 from fastsgd._native.rules cimport (check_alpha_fits, check_tensor, explain_master_rejection,
                                     flag_option, master_steps_as_is, option, real_option,
@@ -33,13 +33,6 @@ from fastsgd._native.rules cimport (check_alpha_fits, check_tensor, explain_mast
 
 from fastsgd.optimizer import ParamState
 from fastsgd.parameter import Parameter
-
-cdef extern from "numpy/arrayobject.h":
-    # An uninitialised array of prototype's shape and dtype (descr NULL),
-    # its dimensions in the order of prototype's strides: dense, a base
-    # ndarray whatever prototype's class (no __array_function__ dispatch).
-    object PyArray_NewLikeArray(cnp.ndarray prototype, cnp.NPY_ORDER order, PyObject *descr,
-                                int subok)
 
 cnp.import_array()
 init_objects()
@@ -796,7 +789,7 @@ cdef object _copy_for(object copy, object template):
                     break
             else:
                 return copy
-    return PyArray_NewLikeArray(t, cnp.NPY_KEEPORDER, NULL, 0)
+    return dense_like(t)
 
 
 cdef object _empty_like(object param, int typenum):
@@ -806,7 +799,7 @@ cdef object _empty_like(object param, int typenum):
     __array_function__, which may return anything."""
     if not cnp.PyArray_FLAGS(<cnp.ndarray>param) & DENSE:
         # (a momentum buffer: masters exist only for dense 16-bit params)
-        return PyArray_NewLikeArray(<cnp.ndarray>param, cnp.NPY_KEEPORDER, NULL, 0)
+        return dense_like(param)
     return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>param),
                              cnp.PyArray_DIMS(<cnp.ndarray>param), typenum,
                              not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>param))
