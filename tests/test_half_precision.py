@@ -473,6 +473,40 @@ def test_grad_scaler_matches_torch_without_master_weights():
         scaler.unscale_(fastsgd.SGD([p], lr=0.1))
 
 
+def test_grad_scaler_with_strided_float32_params_and_grads_matches_torch():
+    """Strided params and grads (unscaled in place through dense copies, then
+    stepped through them): grads, params and the scale as torch's."""
+    rng = np.random.default_rng(9)
+    views = [lambda a: a[..., 0], lambda a: a[:, :, 1].T]
+    bases = [rng.standard_normal((6, 5, 2)).astype(np.float32) for _ in views]
+    params = [fastsgd.Parameter(view(b.copy())) for view, b in zip(views, bases)]
+    tparams = [torch.nn.Parameter(view(torch.from_numpy(b.copy()))) for view, b in
+               zip(views, bases)]
+    opt = fastsgd.SGD(params, lr=0.1, momentum=0.9)
+    topt = torch.optim.SGD(tparams, lr=0.1, momentum=0.9, foreach=False)
+    scaler, tscaler = fastsgd.amp.GradScaler(init_scale=512.0), torch.amp.GradScaler(
+        "cpu", init_scale=512.0)
+    for step in range(4):
+        scaler.scale(np.float32(1))
+        tscaler.scale(torch.ones(()))
+        for view, p, t in zip(views, params, tparams):
+            g = (rng.standard_normal((6, 5, 2)) * 50).astype(np.float32)
+            if step == 1:
+                g[0, 0, :] = np.inf
+            p.grad, t.grad = view(g), view(torch.from_numpy(g.copy()))
+        scaler.unscale_(opt)
+        tscaler.unscale_(topt)
+        for p, t in zip(params, tparams):
+            np.testing.assert_array_equal(p.grad, t.grad.numpy())
+        scaler.step(opt)
+        tscaler.step(topt)
+        scaler.update()
+        tscaler.update()
+        assert scaler.get_scale() == tscaler.get_scale()
+        for p, t in zip(params, tparams):
+            np.testing.assert_array_equal(p, t.detach().numpy())
+
+
 def test_grad_scaler_api_and_errors():
     p = fastsgd.Parameter(np.ones(4, ml_dtypes.bfloat16))
     opt = fastsgd.SGD([p], lr=0.1, master_weights=True)
