@@ -412,3 +412,45 @@ def test_guide_tables_are_the_benchmarks():
     runs = json.loads((ROOT / bench.DOCS_JSON).read_text())["runs"]
     guide = (ROOT / bench.GUIDE).read_text()
     assert report.rewrite(guide, bench.regions(runs)) == guide
+
+
+STRIDED_SCRIPT = '''
+import numpy as np
+from mpi4py import MPI
+
+import fastsgd
+from fastsgd import distributed, reference
+
+comm = MPI.COMM_WORLD
+rng = np.random.default_rng(0)
+base = rng.standard_normal((6, 5, 2))
+p = fastsgd.Parameter(base.copy()[..., 0])         # strided: stepped through copies
+opt = distributed.DistributedOptimizer(fastsgd.SGD([p], lr=0.1, momentum=0.9))
+one = fastsgd.Parameter(base.copy()[..., 0])
+one_opt = fastsgd.SGD([one], lr=0.1, momentum=0.9)
+for step in range(3):
+    grads = [np.random.default_rng(10 * step + r).standard_normal((6, 5, 2))
+             for r in range(comm.size)]
+    p.grad = grads[comm.rank][:, :, 1].T.T         # strided grads are copied into the bucket
+    opt.step()
+    one.grad = reference.rank_ordered_mean([g[:, :, 1] for g in grads])
+    one_opt.step()
+assert np.array_equal(p, one) and not p.flags.c_contiguous
+try:
+    distributed.ZeroRedundancyOptimizer([fastsgd.Parameter(base.copy()[..., 0])])
+    raise AssertionError("ZeroRedundancyOptimizer took a strided parameter")
+except ValueError as error:
+    assert str(error) == "params[0] is not contiguous", error
+print("strided ok")
+'''
+
+
+def test_strided_parameters_and_grads(tmp_path):
+    """DistributedOptimizer copies strided grads into its buckets and steps
+    strided parameters as one process does; ZeroRedundancyOptimizer, which
+    sends each parameter's memory as one block, refuses them."""
+    script = tmp_path / "strided.py"
+    script.write_text(STRIDED_SCRIPT)
+    result = mpi_launch.run(2, script, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("strided ok") == 2
