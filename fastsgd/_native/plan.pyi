@@ -6,6 +6,9 @@ NO_AUTOGRAD: str
 def parallel_staging_count() -> int: ...
 
 @disjoint_base
+class Staging: ...
+
+@disjoint_base
 class GroupPlan:
     new_buffers: list[tuple[int, object]]
     new_masters: list[tuple[int, object]]

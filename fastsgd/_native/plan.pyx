@@ -175,6 +175,7 @@ cdef class GroupPlan:
         self.stagings = []
 
     def __dealloc__(self):
+        self.end_staging()  # a step that raised between staging and scatter()
         PyMem_Free(self.staged)
         PyMem_Free(self.spans)
 
