@@ -38,6 +38,23 @@ def test_steady_state_step_of_many_tensors_on_two_threads_allocates_nothing():
         fastsgd.set_num_threads(threads)
 
 
+def test_steady_state_step_of_strided_tensors_allocates_nothing():
+    """Staged tensors (plan.pyx) reuse the copies their plan keeps: a strided
+    parameter, a grad in the other order than its parameter, a contiguous
+    parameter beside them."""
+    rng = np.random.default_rng(2)
+    strided = fastsgd.Parameter(rng.standard_normal((30, 20, 3))[..., 1])
+    transposed = fastsgd.Parameter(rng.standard_normal((20, 30)).T)
+    dense = fastsgd.Parameter(rng.standard_normal(40))
+    strided.grad = rng.standard_normal((30, 20, 2))[..., 0]
+    transposed.grad = rng.standard_normal((30, 20))  # C order for a Fortran-ordered parameter
+    dense.grad = rng.standard_normal(40)
+    opt = fastsgd.SGD([strided, transposed, dense], lr=0.01, momentum=0.9)
+    for _ in range(3):
+        opt.step()
+    assert _traced_growth_and_peak(opt, 200) == _traced_growth_and_peak(opt, 0)
+
+
 def _traced_growth_and_peak(opt, n):
     """(memory kept, memory peaked above the start) over n steps."""
     return traced_memory(opt.step, n)
