@@ -226,7 +226,36 @@ def _common_dtype(grad_dtypes):
 
 
 def clip_grad_value_(parameters, clip_value, foreach=None):
-    """Clamp the grads of ``parameters`` in place to [-clip_value, clip_value]."""
+    """Clamp the grads of ``parameters`` in place to [-clip_value, clip_value],
+    as torch's clamp: a NaN ``clip_value`` makes every element NaN, and a
+    finite one beyond a grad dtype's range raises torch's RuntimeError
+    before any grad changes."""
     clip_value = float(clip_value)
     grads, positions = _grads(parameters)
+    _check_bound_fits(clip_value, grads)
     _native.clamp_grads(grads, positions, -clip_value, clip_value)
+
+
+_TORCH_SCALAR_NAMES = {"float32": "float", "float16": "c10::Half", "bfloat16": "c10::BFloat16"}
+
+
+def _check_bound_fits(value, grads):
+    """torch converts a clamp's bound to each grad's dtype and refuses a
+    finite one beyond its largest finite value (for the dtypes in the grads'
+    order, as torch groups them; float64 takes any float, and a grad of
+    another dtype is refused by the native call that names it)."""
+    if not np.isfinite(value):
+        return
+    for dtype in dict.fromkeys(getattr(g, "dtype", None) for g in grads):
+        name = getattr(dtype, "name", None)
+        if name in _TORCH_SCALAR_NAMES and abs(value) > float(_finfo_max(dtype)):
+            raise RuntimeError(f"value cannot be converted to type {_TORCH_SCALAR_NAMES[name]} "
+                               f"without overflow")
+
+
+def _finfo_max(dtype):
+    """The largest finite value of a float dtype (bfloat16's from ml_dtypes)."""
+    if dtype.name == "bfloat16":
+        import ml_dtypes
+        return ml_dtypes.finfo(dtype).max
+    return np.finfo(dtype).max

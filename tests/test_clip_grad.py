@@ -91,6 +91,39 @@ def test_clip_grad_value_is_torchs_clamp_exactly(dtype):
         np.testing.assert_array_equal(p.grad, t.grad.numpy())
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("clip_value", [np.nan, -np.nan, np.inf, -np.inf, 0.0, -1.0, 1e-300])
+def test_clip_grad_value_special_bounds_are_torchs_bit_for_bit(dtype, clip_value):
+    """A NaN clip_value makes every element that NaN (torch's clamp_min then
+    clamp_max, its default foreach path); infinities and negatives as torch."""
+    fast, ref = twins((dtype,), seed=4, scale=3.0)
+    fast[2].grad[:3] = ref[2].grad[:3] = torch.tensor([np.nan, np.inf, -np.inf])
+    fastsgd.clip_grad_value_(fast, clip_value)
+    torch.nn.utils.clip_grad_value_(ref, clip_value)
+    uint = np.uint32 if dtype == np.float32 else np.uint64
+    for p, t in zip(fast, ref):
+        np.testing.assert_array_equal(p.grad.view(uint), t.grad.numpy().view(uint))
+
+
+@pytest.mark.parametrize("clip_value", [
+    3.5e38, -3.5e38, 1e300, np.nextafter(float(np.finfo(np.float32).max), np.inf)])
+def test_clip_grad_value_beyond_a_dtype_fails_as_torch_before_any_change(clip_value):
+    fast, ref = twins((np.float64, np.float32), seed=5)
+    before = [p.grad.copy() for p in fast]
+    with pytest.raises(RuntimeError) as ours:
+        fastsgd.clip_grad_value_(fast, clip_value)
+    with pytest.raises(RuntimeError) as theirs:
+        torch.nn.utils.clip_grad_value_(ref, clip_value)
+    assert str(ours.value) == str(theirs.value) == (
+        "value cannot be converted to type float without overflow")
+    for p, b in zip(fast, before):
+        np.testing.assert_array_equal(p.grad, b)
+    fastsgd.clip_grad_value_(fast[::2], clip_value)  # float64 grads alone take it
+    torch.nn.utils.clip_grad_value_(ref[::2], clip_value)
+    for p, t in zip(fast, ref):
+        np.testing.assert_array_equal(p.grad, t.grad.numpy())
+
+
 def test_norms_are_identical_on_every_instruction_set():
     fast, _ = twins((np.float32, np.float64), seed=3)
     grads, positions = [p.grad for p in fast], list(range(len(fast)))
