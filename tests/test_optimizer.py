@@ -942,3 +942,44 @@ def test_parameter_in_place_update_keeps_the_parameter():
     p -= 1
     assert p is same and type(p) is fastsgd.Parameter
     assert np.all(arr == -1) and np.all(p.grad == 1)
+
+
+# ------------------------------------------- options of the wrong type set on a group
+
+WRONG_OPTIONS = [(key, value) for key in ("lr", "momentum", "dampening", "weight_decay")
+                 for value in (10**400, 2**64, -2**63 - 1, 1j, np.complex64(1), np.ones(2),
+                               "0.9", None, [0.1], 1e300, -3.5e38)]
+WRONG_OPTIONS += [("weight_decay", True), ("nesterov", np.array([True, False])),
+                  ("maximize", np.ones(3)), ("nesterov", "yes"), ("maximize", None)]
+
+
+@pytest.mark.filterwarnings("ignore::numpy.exceptions.ComplexWarning")  # torch's too
+@pytest.mark.parametrize("key, value", WRONG_OPTIONS, ids=lambda x: repr(x)[:24])
+def test_wrong_typed_options_raise_torchs_exception_types(key, value):
+    """Set on a group after construction, once every param has its momentum
+    buffer (torch reads momentum and dampening only then): fastsgd raises
+    the type torch raises, before anything changes, or steps as torch does."""
+    outcomes = []
+    for lib in (FAST, TORCH):
+        params = [lib.param(a) for a in start_arrays()[:2]]
+        opt = lib.SGD(params, lr=0.1, momentum=0.5, **({"foreach": False} if lib is TORCH else {}))
+        for p in params:
+            p.grad = lib.array(np.ones(tuple(p.shape), np.float32))
+        opt.step()
+        opt.param_groups[0][key] = value
+        before = [np.array(lib.numpy(p)) for p in params]
+        buffers = [np.array(lib.numpy(opt.state[p]["momentum_buffer"])) for p in params]
+        try:
+            opt.step()
+            outcomes.append(("stepped", [np.array(lib.numpy(p)) for p in params]))
+        except Exception as error:  # noqa: BLE001 - the type is what is compared
+            outcomes.append((type(error), None))
+            if lib is FAST:  # validated before anything was written
+                assert all(np.array_equal(lib.numpy(p), b) for p, b in zip(params, before))
+                assert all(np.array_equal(lib.numpy(opt.state[p]["momentum_buffer"]), b)
+                           for p, b in zip(params, buffers))
+    (fast, fast_values), (torch_, torch_values) = outcomes
+    assert fast == torch_
+    if fast == "stepped":
+        for f, t in zip(fast_values, torch_values):
+            np.testing.assert_array_equal(f, t)
