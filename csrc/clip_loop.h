@@ -1,7 +1,10 @@
 /* Grad-wise loops: gradient clipping's and GradScaler's, instantiated like
  * sgd_loop.h (same macros, plus SGD_C, the type an element is computed in,
  * SGD_WIDEN(x) and SGD_ROUND(c) between the two, SGD_BOUND(x) a double
- * bound rounded to the dtype, SGD_NONFINITE(x) whether a stored element is
+ * bound rounded to the dtype (stored, as torch rounds a scalar),
+ * SGD_NAN_ROUNDED(n) how many leading elements of n torch's clamp rounds
+ * a NaN element in (the others keep its bits: n for float32 and float64,
+ * where rounding keeps it anyway, so the check compiles away), SGD_NONFINITE(x) whether a stored element is
  * inf or NaN, and NORM_FN, SCALE_FN, CLAMP_FN, UNSCALE_FN
  * and FINITE_FN naming the functions to define).
  *
@@ -66,14 +69,24 @@ SGD_TARGET static void SCALE_FN(void *g_, int64_t n, double coef)
         g[i] = SGD_ROUND(SGD_WIDEN(g[i]) * c);
 }
 
-/* g = clamp(g, lo, hi) as torch's clamp_, the bounds rounded to the dtype:
- * a NaN stays NaN. */
+/* g = clamp(g, lo, hi) as torch's clip_grad_value_ (clamp_min, then
+ * clamp_max), the bounds rounded to the dtype: a NaN element stays NaN; a
+ * NaN hi (the caller passes lo = -hi) makes every element hi's NaN. */
 SGD_TARGET static void CLAMP_FN(void *g_, int64_t n, double lo, double hi)
 {
     SGD_T *restrict g = (SGD_T *)g_;
-    const SGD_C l = SGD_BOUND(lo), h = SGD_BOUND(hi);
+    const SGD_T hi_stored = SGD_BOUND(hi);
+    const SGD_C l = SGD_WIDEN(SGD_BOUND(lo)), h = SGD_WIDEN(hi_stored);
+    if (h != h) {
+        for (int64_t i = 0; i < n; i++)
+            g[i] = hi_stored;
+        return;
+    }
+    const int64_t n_nan_rounded = SGD_NAN_ROUNDED(n);
     for (int64_t i = 0; i < n; i++) {
         SGD_C x = SGD_WIDEN(g[i]);
+        if (x != x && i >= n_nan_rounded)
+            continue;
         x = x < l ? l : x;
         g[i] = SGD_ROUND(x > h ? h : x);
     }

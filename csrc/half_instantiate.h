@@ -51,6 +51,7 @@
     HALF_ROUND_BODY(NAN_FIRST(HALF_WIDEN(a), IMPL_MADD_F32(HALF_WIDEN(a), (k), HALF_WIDEN(c))))
 #define STEP_MUL(x, k) HALF_ROUND_BODY(HALF_WIDEN(x) * (k))
 #define HALF_ROUND_COPY HALF_ROUND_BODY
+#define HALF_NAN_ROUNDED(n) ((n) - (n) % FASTSGD_HALF_CHUNK)
 #else
 /* at ATEN_CPU_CAPABILITY=default the body is torch's generic vector code,
  * element-wise scalar ops (the scalar code's roundings) computing
@@ -61,6 +62,7 @@
                               HALF_WIDEN(c) + HALF_WIDEN(HALF_ROUND_TAIL(HALF_WIDEN(a) * (k)))))
 #define STEP_MUL(x, k) HALF_ROUND_TAIL(HALF_WIDEN(x) * (k))
 #define HALF_ROUND_COPY HALF_ROUND_TAIL
+#define HALF_NAN_ROUNDED(n) 0
 #endif
 #define STEP_STORE_OUT(out, i, v) ((void)0)
 #include "sgd_step.h"
@@ -112,7 +114,8 @@
 #define SGD_MULTIPLIER(x) ((float)(x))
 #define SGD_WIDEN(x) HALF_WIDEN(x)
 #define SGD_ROUND(f) HALF_ROUND_COPY(f)
-#define SGD_BOUND(x) HALF_WIDEN(HALF_ROUND_TAIL((float)(x)))
+#define SGD_BOUND(x) HALF_ROUND_TAIL((float)(x))
+#define SGD_NAN_ROUNDED(n) HALF_NAN_ROUNDED(n)
 #define SGD_NONFINITE HALF_NONFINITE
 #define NORM_FN HALF_FN(norm_)
 #define SCALE_FN HALF_FN(scale_)
@@ -140,6 +143,7 @@
 #undef SGD_WIDEN
 #undef SGD_ROUND
 #undef SGD_BOUND
+#undef SGD_NAN_ROUNDED
 #undef SGD_NONFINITE
 #undef NORM_FN
 #undef SCALE_FN
@@ -197,6 +201,7 @@
 #undef MASTER_VEC_SPLAT
 
 #undef HALF_ROUND_COPY
+#undef HALF_NAN_ROUNDED
 #undef HALF_FN
 #undef NAN_FIRST
 #undef HALF_KEEPS_NAN

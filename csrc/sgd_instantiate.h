@@ -65,6 +65,7 @@ static inline __attribute__((always_inline)) double fastsgd_negate_f64(double x)
 #define SGD_WIDEN(x) (x)
 #define SGD_ROUND(x) (x)
 #define SGD_BOUND(x) ((float)(x))
+#define SGD_NAN_ROUNDED(n) (n)
 #define SGD_NONFINITE(x) (((x) - (x)) != ((x) - (x)))
 #define STREAM_FN IMPL_CAT(stream_f32_, IMPL_NAME)
 #define NORM_FN IMPL_CAT(norm_f32_, IMPL_NAME)
@@ -89,6 +90,7 @@ static inline __attribute__((always_inline)) double fastsgd_negate_f64(double x)
 #undef SGD_ALPHA
 #undef SGD_MULTIPLIER
 #undef SGD_BOUND
+#undef SGD_NAN_ROUNDED
 #undef STREAM_FN
 #undef NORM_FN
 #undef SCALE_FN
@@ -120,6 +122,7 @@ static inline __attribute__((always_inline)) double fastsgd_negate_f64(double x)
 #define SGD_ALPHA(x) ((double)(x))
 #define SGD_MULTIPLIER(x) ((double)(x))
 #define SGD_BOUND(x) ((double)(x))
+#define SGD_NAN_ROUNDED(n) (n)
 #define STREAM_FN IMPL_CAT(stream_f64_, IMPL_NAME)
 #define NORM_FN IMPL_CAT(norm_f64_, IMPL_NAME)
 #define SCALE_FN IMPL_CAT(scale_f64_, IMPL_NAME)
@@ -145,6 +148,7 @@ static inline __attribute__((always_inline)) double fastsgd_negate_f64(double x)
 #undef SGD_WIDEN
 #undef SGD_ROUND
 #undef SGD_BOUND
+#undef SGD_NAN_ROUNDED
 #undef SGD_NONFINITE
 #undef STREAM_FN
 #undef NORM_FN

@@ -1,5 +1,4 @@
 """fastsgd.Parameter: a trainable numpy array with a `.grad`."""
-import copy
 import sys
 
 import numpy as np
@@ -39,10 +38,12 @@ class Parameter(np.ndarray):
     Arithmetic, numpy functions and indexing give plain ndarrays, never new
     Parameters: only what the user wraps is trainable.
 
-    Copies: ``copy.deepcopy`` keeps values, ``.grad`` and attributes, like
-    torch's deepcopy of a Parameter.  ``pickle`` keeps values, dtype, shape,
-    memory order and attributes but not ``.grad`` -- as ``torch.save`` of a
-    Parameter drops its grad -- so a checkpoint never carries stale grads.
+    Copies: ``copy.deepcopy`` keeps values, dtype, shape and memory order
+    but neither ``.grad`` nor attributes, as torch's deepcopy of a Parameter
+    (so ``copy.deepcopy(optimizer).step()`` moves nothing until grads are
+    set).  ``pickle`` keeps values, dtype, shape, memory order and attributes
+    but not ``.grad`` -- as ``torch.save`` of a Parameter drops its grad --
+    so a checkpoint never carries stale grads.
     """
 
     # .grad is a property over the _grad slot, which the native step reads at
@@ -104,10 +105,12 @@ class Parameter(np.ndarray):
         return _rebuild_parameter, (np.array(self.view(np.ndarray), order="K"), self.__dict__)
 
     def __deepcopy__(self, memo):
-        new = Parameter(np.array(self.view(np.ndarray), order="K"))
+        # torch.nn.Parameter's: a copy of the values in the same memory
+        # order, without .grad or attributes
+        if id(self) in memo:
+            return memo[id(self)]
+        new = type(self)(np.array(self.view(np.ndarray), order="K"))
         memo[id(self)] = new
-        new.grad = copy.deepcopy(self.grad, memo)
-        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
         return new
 
 

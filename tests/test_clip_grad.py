@@ -1,5 +1,8 @@
 """Gradient clipping against torch.nn.utils: totals and clipped grads within
 the documented tolerance (fastsgd/clip_grad.py), value clipping exactly."""
+import math
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -39,6 +42,74 @@ def test_clip_grad_norm_matches_torch(dtypes, norm_type, max_norm):
     np.testing.assert_allclose(total, ref_total.numpy(), rtol=rtol)
     for p, t in zip(fast, ref):
         np.testing.assert_allclose(p.grad, t.grad.numpy(), rtol=rtol, atol=0)
+
+
+def exact_norm(grads, p):
+    """The p-norm of all elements, from the grads converted to float64 (an
+    exactly rounded sum: math.fsum), within a few units of float64."""
+    values = np.concatenate([np.abs(np.asarray(g, np.float64)).ravel() for g in grads])
+    if p == math.inf:
+        return float(values.max())
+    if p == -math.inf:
+        return float(values.min())
+    return math.fsum((values ** p).tolist()) ** (1 / p)
+
+
+def stated_bounds(grads, p):
+    """fastsgd's and torch's bounds on the total's relative error, as
+    fastsgd/clip_grad.py states them (plus the reference's few float64 units)."""
+    unit = {np.dtype(np.float32): 2.0**-24, np.dtype(np.float64): 2.0**-53}
+    dtypes = {g.dtype for g in grads}
+    n, k, m = max(g.size for g in grads), len(grads), max(1.0, 1.0 / p)
+    u = unit[np.dtype(np.float64)] if np.dtype(np.float64) in dtypes else unit[np.dtype(np.float32)]
+    mixed = 2.0**-24 if len(dtypes) > 1 else 0.0
+    reference = 8 * 2.0**-53
+    fast = m * ((n / 8 + 4) * 2.0**-53 + (k + 3) * u) + mixed + reference
+    torch_bound = m * (n + k + 3) * max(unit[d] for d in dtypes) + reference
+    return fast, torch_bound
+
+
+@pytest.mark.parametrize("dtypes", [(np.float32,), (np.float64,), (np.float32, np.float64)],
+                         ids=["f32", "f64", "mixed"])
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, 0.5, 7.0, math.inf, -math.inf])
+@pytest.mark.parametrize("scale", [1.0, 1e3])
+def test_clip_grad_norm_within_the_stated_bounds_of_the_exact_norm(dtypes, norm_type, scale):
+    """The total against an exact reference with the bounds the module states,
+    and against torch with the sum of both bounds (torch's float32 grads are
+    accumulated in float32: the larger error on big grads)."""
+    rng = np.random.default_rng(7)
+    sizes = [300_001, 17, 4096, 1, 65_537]
+    grads = [(scale * rng.standard_normal(n)).astype(dtypes[i % len(dtypes)])
+             for i, n in enumerate(sizes)]
+    exact = exact_norm(grads, norm_type)
+    fast_bound, torch_bound = stated_bounds(grads, norm_type)
+    params = [fastsgd.Parameter(np.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.copy()
+    total = fastsgd.clip_grad_norm_(params, 1e-3 * exact, norm_type)
+    ref = [torch.nn.Parameter(torch.zeros(g.shape, dtype=torch.from_numpy(g).dtype)) for g in grads]
+    for t, g in zip(ref, grads):
+        t.grad = torch.from_numpy(g.copy())
+    ref_total = torch.nn.utils.clip_grad_norm_(ref, 1e-3 * exact, norm_type).item()
+    assert abs(float(total) - exact) <= fast_bound * exact
+    assert abs(ref_total - exact) <= torch_bound * exact
+    assert abs(float(total) - ref_total) <= (fast_bound + torch_bound) * exact
+    for p, t in zip(params, ref):  # the clipped grads: the totals' error and one rounding
+        u = 2.0**-24 if p.grad.dtype == np.float32 else 2.0**-53
+        np.testing.assert_allclose(p.grad, t.grad.numpy(),
+                                   rtol=fast_bound + torch_bound + 2 * u, atol=0)
+
+
+def test_the_documented_clipping_bounds_are_the_measured_ones():
+    """README and the guide state the bounds this file measures, not older
+    tolerances the measurements contradict."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    for path in ("README.md", "docs/guide/numpy.md"):
+        text = " ".join((root / path).read_text().split())
+        assert "1e-12 (float64)" not in text and "1e-5 (float32)" not in text, path
+    guide = " ".join((root / "docs/guide/numpy.md").read_text().split())
+    assert "`m·((n/8 + 4)·2⁻⁵³ + (k + 3)·u)`" in guide and "`m·(n + k + 3)·u`" in guide
+    assert "(n/8 + 4) * 2**-53 + (k + 3) * u" in fastsgd.clip_grad.__doc__
 
 
 @pytest.mark.parametrize("norm_type", [float("inf"), -float("inf")])
@@ -87,6 +158,39 @@ def test_clip_grad_value_is_torchs_clamp_exactly(dtype):
     fast[1].grad[2] = ref[1].grad[2] = np.nan
     fastsgd.clip_grad_value_(fast, 1.25)
     torch.nn.utils.clip_grad_value_(ref, 1.25)
+    for p, t in zip(fast, ref):
+        np.testing.assert_array_equal(p.grad, t.grad.numpy())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("clip_value", [np.nan, -np.nan, np.inf, -np.inf, 0.0, -1.0, 1e-300])
+def test_clip_grad_value_special_bounds_are_torchs_bit_for_bit(dtype, clip_value):
+    """A NaN clip_value makes every element that NaN (torch's clamp_min then
+    clamp_max, its default foreach path); infinities and negatives as torch."""
+    fast, ref = twins((dtype,), seed=4, scale=3.0)
+    fast[2].grad[:3] = ref[2].grad[:3] = torch.tensor([np.nan, np.inf, -np.inf])
+    fastsgd.clip_grad_value_(fast, clip_value)
+    torch.nn.utils.clip_grad_value_(ref, clip_value)
+    uint = np.uint32 if dtype == np.float32 else np.uint64
+    for p, t in zip(fast, ref):
+        np.testing.assert_array_equal(p.grad.view(uint), t.grad.numpy().view(uint))
+
+
+@pytest.mark.parametrize("clip_value", [
+    3.5e38, -3.5e38, 1e300, np.nextafter(float(np.finfo(np.float32).max), np.inf)])
+def test_clip_grad_value_beyond_a_dtype_fails_as_torch_before_any_change(clip_value):
+    fast, ref = twins((np.float64, np.float32), seed=5)
+    before = [p.grad.copy() for p in fast]
+    with pytest.raises(RuntimeError) as ours:
+        fastsgd.clip_grad_value_(fast, clip_value)
+    with pytest.raises(RuntimeError) as theirs:
+        torch.nn.utils.clip_grad_value_(ref, clip_value)
+    assert str(ours.value) == str(theirs.value) == (
+        "value cannot be converted to type float without overflow")
+    for p, b in zip(fast, before):
+        np.testing.assert_array_equal(p.grad, b)
+    fastsgd.clip_grad_value_(fast[::2], clip_value)  # float64 grads alone take it
+    torch.nn.utils.clip_grad_value_(ref[::2], clip_value)
     for p, t in zip(fast, ref):
         np.testing.assert_array_equal(p.grad, t.grad.numpy())
 

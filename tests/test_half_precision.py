@@ -705,6 +705,38 @@ def test_clipping_16_bit_grads_matches_torch(dtype):
         np.testing.assert_array_equal(bits(p.grad), bits(t.grad))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_clip_grad_value_nan_rules_and_bounds_of_16_bit_grads(kernel, dtype):
+    """NaN elements as torch's clamp gives them (its vector body rounds them,
+    its scalar remainder keeps their bits), a NaN clip_value everywhere (torch's
+    default foreach path), and a bound beyond the dtype refused as torch does."""
+    rng = np.random.default_rng(11)
+    nan_bits = {np.dtype(np.float16): [0x7C01, 0xFE05, 0x7E00],
+                np.dtype(ml_dtypes.bfloat16): [0x7F81, 0xFFC3, 0x7FC0]}[dtype]
+    for capability in CAPABILITIES:
+        kernel(capability)
+        for clip_value in [1.0, np.inf, -np.inf, 0.0, np.nan, -np.nan]:
+            grads = [rng.standard_normal(n).astype(np.float32).astype(dtype) for n in (100, 7, 64)]
+            for g in grads:
+                g.view(np.uint16)[rng.choice(g.size, 5)] = rng.choice(nan_bits, 5)
+            params = [fastsgd.Parameter(np.zeros(g.shape, dtype)) for g in grads]
+            tparams = [torch.nn.Parameter(to_torch(np.zeros(g.shape, dtype))) for g in grads]
+            for p, t, g in zip(params, tparams, grads):
+                p.grad, t.grad = g.copy(), to_torch(g)
+            fastsgd.clip_grad_value_(params, clip_value)
+            torch.nn.utils.clip_grad_value_(tparams, clip_value)
+            for p, t in zip(params, tparams):
+                np.testing.assert_array_equal(bits(p.grad), bits(t.grad), err_msg=str(clip_value))
+    too_big = float(np.nextafter(float(ml_dtypes.finfo(dtype).max), np.inf))
+    with pytest.raises(RuntimeError) as ours:
+        fastsgd.clip_grad_value_(params, too_big)
+    with pytest.raises(RuntimeError) as theirs:
+        torch.nn.utils.clip_grad_value_(tparams, too_big)
+    assert str(ours.value) == str(theirs.value)
+    for p, t in zip(params, tparams):
+        np.testing.assert_array_equal(bits(p.grad), bits(t.grad))
+
+
 def test_checkpoint_keeps_16_bit_state(tmp_path):
     p = fastsgd.Parameter(np.arange(6, dtype=ml_dtypes.bfloat16).reshape(2, 3))
     h = fastsgd.Parameter(np.arange(4, dtype=np.float16))

@@ -923,7 +923,7 @@ add("overflow_to_inf_like_torch", """
 # --------------------------------------- hyperparameters edited after construction
 
 for _key, _value, _type in [("lr", "'fast'", "str"), ("lr", "None", "NoneType"),
-                            ("lr", "[0.1]", "list"), ("lr", "1j", "complex"),
+                            ("lr", "[0.1]", "list"),
                             ("lr", "np.ones(2)", "ndarray"),
                             ("momentum", "'0.9x'", "str"),
                             ("dampening", "{}", "dict"),
@@ -937,7 +937,11 @@ for _key, _value, _type in [("lr", "'fast'", "str"), ("lr", "None", "NoneType"),
 
 add("lr_huge_int", """
     opt.param_groups[1]["lr"] = 10 ** 400
-    expect_error(ValueError, WO(1, "lr") + " is out of the range of a float")
+    expect_error(OverflowError, WO(1, "lr") + " is out of the range of torch's integer scalars")
+""")
+add("lr_is_complex", """
+    opt.param_groups[1]["lr"] = 1j
+    expect_error(RuntimeError, WO(1, "lr") + " must be a real number, but got complex$")
 """)
 add("momentum_missing", """
     del opt.param_groups[1]["momentum"]
@@ -945,7 +949,7 @@ add("momentum_missing", """
 """)
 add("nesterov_ambiguous_array", """
     opt.param_groups[0]["nesterov"] = np.array([True, False])
-    expect_error(TypeError, WO(0, "nesterov"))
+    expect_error(ValueError, WO(0, "nesterov") + " must be a bool: The truth value")
 """)
 add("differentiable_true_in_group", """
     opt.param_groups[1]["differentiable"] = True

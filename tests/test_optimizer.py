@@ -823,6 +823,35 @@ def test_copied_optimizer_keeps_groups_state_and_links(copier):
         assert np.array_equal(opt.state[p]["momentum_buffer"], clone.state[q]["momentum_buffer"])
 
 
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_parameter_deepcopy_drops_grad_and_attributes_as_torch(order):
+    p = fastsgd.Parameter(np.asarray(np.arange(6.0).reshape(2, 3), order=order))
+    p.grad, p.tag = np.ones((2, 3)), ["weight"]
+    t = torch.nn.Parameter(torch.arange(6.0).reshape(2, 3))
+    t.grad, t.tag = torch.ones(2, 3), ["weight"]
+    q, u = copy.deepcopy(p), copy.deepcopy(t)
+    assert (q.grad, u.grad) == (None, None)
+    assert not hasattr(q, "tag") and not hasattr(u, "tag")
+    assert type(q) is fastsgd.Parameter and np.array_equal(q, p) and not np.shares_memory(q, p)
+    assert q.flags.f_contiguous == p.flags.f_contiguous
+    memo = {}
+    assert p.__deepcopy__(memo) is memo[id(p)] is p.__deepcopy__(memo)
+
+
+def test_deepcopied_optimizer_steps_nothing_until_grads_are_set():
+    """torch's copy.deepcopy(optimizer) has params without grads: its step is
+    a no-op, and so is fastsgd's."""
+    results = []
+    for lib in (FAST, TORCH):
+        opt, _ = trained(lib, steps=2)
+        clone = copy.deepcopy(opt)
+        before = [np.array(lib.numpy(p)) for p in group_params(clone)]
+        clone.step()
+        results.append([np.array_equal(lib.numpy(p), b)
+                        for p, b in zip(group_params(clone), before)])
+    assert results[0] == results[1] and all(results[0])
+
+
 @pytest.mark.parametrize("copier", COPIERS.values(), ids=COPIERS)
 def test_copied_optimizer_has_no_hooks(copier):
     def scenario(lib):
@@ -859,19 +888,6 @@ def test_parameter_pickle_drops_grad_only(protocol, order, dtype):
     assert np.array_equal(q, p) and not np.shares_memory(q, p)
     assert q.tag == "weight"
     assert q.grad is None
-
-
-def test_parameter_deepcopy_keeps_grad():
-    p = fastsgd.Parameter(np.arange(6.0, dtype=np.float32))
-    p.grad = np.full_like(p, 2.0)
-    p.tag = ["weight"]
-    p.cycle = [p]
-    q = copy.deepcopy(p)
-    assert q.cycle[0] is q
-    assert type(q) is fastsgd.Parameter and q.dtype == p.dtype
-    assert np.array_equal(q, p) and not np.shares_memory(q, p)
-    assert np.array_equal(q.grad, p.grad) and q.grad is not p.grad
-    assert q.tag == p.tag and q.tag is not p.tag
 
 
 # ----------------------------------------------------------- Parameter basics
@@ -926,3 +942,44 @@ def test_parameter_in_place_update_keeps_the_parameter():
     p -= 1
     assert p is same and type(p) is fastsgd.Parameter
     assert np.all(arr == -1) and np.all(p.grad == 1)
+
+
+# ------------------------------------------- options of the wrong type set on a group
+
+WRONG_OPTIONS = [(key, value) for key in ("lr", "momentum", "dampening", "weight_decay")
+                 for value in (10**400, 2**64, -2**63 - 1, 1j, np.complex64(1), np.ones(2),
+                               "0.9", None, [0.1], 1e300, -3.5e38)]
+WRONG_OPTIONS += [("weight_decay", True), ("nesterov", np.array([True, False])),
+                  ("maximize", np.ones(3)), ("nesterov", "yes"), ("maximize", None)]
+
+
+@pytest.mark.filterwarnings("ignore::numpy.exceptions.ComplexWarning")  # torch's too
+@pytest.mark.parametrize("key, value", WRONG_OPTIONS, ids=lambda x: repr(x)[:24])
+def test_wrong_typed_options_raise_torchs_exception_types(key, value):
+    """Set on a group after construction, once every param has its momentum
+    buffer (torch reads momentum and dampening only then): fastsgd raises
+    the type torch raises, before anything changes, or steps as torch does."""
+    outcomes = []
+    for lib in (FAST, TORCH):
+        params = [lib.param(a) for a in start_arrays()[:2]]
+        opt = lib.SGD(params, lr=0.1, momentum=0.5, **({"foreach": False} if lib is TORCH else {}))
+        for p in params:
+            p.grad = lib.array(np.ones(tuple(p.shape), np.float32))
+        opt.step()
+        opt.param_groups[0][key] = value
+        before = [np.array(lib.numpy(p)) for p in params]
+        buffers = [np.array(lib.numpy(opt.state[p]["momentum_buffer"])) for p in params]
+        try:
+            opt.step()
+            outcomes.append(("stepped", [np.array(lib.numpy(p)) for p in params]))
+        except Exception as error:  # noqa: BLE001 - the type is what is compared
+            outcomes.append((type(error), None))
+            if lib is FAST:  # validated before anything was written
+                assert all(np.array_equal(lib.numpy(p), b) for p, b in zip(params, before))
+                assert all(np.array_equal(lib.numpy(opt.state[p]["momentum_buffer"]), b)
+                           for p, b in zip(params, buffers))
+    (fast, fast_values), (torch_, torch_values) = outcomes
+    assert fast == torch_
+    if fast == "stepped":
+        for f, t in zip(fast_values, torch_values):
+            np.testing.assert_array_equal(f, t)

@@ -20,16 +20,17 @@ from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from fastsgd._native cimport kernels
 from fastsgd._native.batch cimport (StagingJob, dtype_of, grow, hold, hold_shared, let_go,
                                     may_alias, or_shared, put_entry)
-from fastsgd._native.kernels cimport (FASTSGD_F16, FASTSGD_NDTYPES,
+from fastsgd._native.kernels cimport (FASTSGD_BF16, FASTSGD_F16, FASTSGD_F32, FASTSGD_NDTYPES,
                                       FASTSGD_NEW_BUF, FASTSGD_NEW_MASTER, fastsgd_impl,
                                       fastsgd_tensor_list)
 from fastsgd._native.objects cimport (DENSE, GRAD_OFFSET, PARAMETER_TYPE, PyListObject,
                                       PyTupleObject, array_ptr, dense_like, grad_of, grad_slot,
                                       init_objects, refresh_bfloat16, size_of, type_of)
-from fastsgd._native.rules cimport (check_alpha_fits, check_tensor, explain_master_rejection,
+from fastsgd._native.rules cimport (NEGATED, PASSED_AFTER_TEST, SUBTRACTED_FROM_ONE,
+                                    check_alpha_fits, check_tensor, explain_master_rejection,
                                     flag_option, master_steps_as_is, option, real_option,
-                                    same_strides, sharing, sharing_reason, span_of,
-                                    steps_as_is, where)
+                                    same_strides, sharing, sharing_reason, span_of, steps_as_is,
+                                    where)
 
 from fastsgd.optimizer import ParamState
 from fastsgd.parameter import Parameter
@@ -180,13 +181,22 @@ cdef class GroupPlan:
         PyMem_Free(self.spans)
 
     cdef int read_options(self, dict options, Py_ssize_t group_index) except -1:
-        self.hyper.neg_lr = -real_option(options, "lr", group_index)
-        self.hyper.momentum = real_option(options, "momentum", group_index)
-        self.hyper.dampening = real_option(options, "dampening", group_index)
-        self.hyper.weight_decay = real_option(options, "weight_decay", group_index)
-        self.hyper.nesterov = flag_option(options, "nesterov", group_index)
-        self.hyper.maximize = flag_option(options, "maximize", group_index)
+        self.hyper.neg_lr = -real_option(options, "lr", group_index, NEGATED)
+        self.hyper.momentum = real_option(options, "momentum", group_index, PASSED_AFTER_TEST)
         self.with_momentum = self.hyper.momentum != 0.0
+        # torch reads dampening and nesterov only with momentum
+        self.hyper.dampening = 0.0
+        self.hyper.nesterov = False
+        if self.with_momentum:
+            self.hyper.dampening = real_option(options, "dampening", group_index,
+                                               SUBTRACTED_FROM_ONE)
+            self.hyper.nesterov = flag_option(options, "nesterov", group_index)
+        else:
+            option(options, "dampening", group_index)
+            option(options, "nesterov", group_index)
+        self.hyper.weight_decay = real_option(options, "weight_decay", group_index,
+                                              PASSED_AFTER_TEST)
+        self.hyper.maximize = flag_option(options, "maximize", group_index)
         # present only when True (fastsgd.SGD): one lookup
         self.master_weights = (PyDict_GetItemWithError(options, "master_weights") != NULL
                                and flag_option(options, "master_weights", group_index))
@@ -650,13 +660,13 @@ cdef class GroupPlan:
     # ---------------------------------------------- half precision (issue 14)
 
     cdef int check_alphas(self, Py_ssize_t group_index) except -1:
-        """torch's overflow error for an alpha of a 16-bit tensor's step
-        (rules.pxd), for the alphas this step applies."""
+        """torch's overflow error for an alpha of a float32 or 16-bit
+        tensor's step (rules.pxd), for the alphas this step applies."""
         cdef int d
         cdef Py_ssize_t i
         cdef Batch batch
         cdef bint later_step
-        for d in range(FASTSGD_F16, FASTSGD_NDTYPES):  # float16, bfloat16
+        for d in (FASTSGD_F32, FASTSGD_F16, FASTSGD_BF16):  # float64 takes any double
             if not self.in_use & (1 << d):
                 continue
             batch = self.batch(d)

@@ -36,31 +36,66 @@ cdef inline object option(dict options, str key, Py_ssize_t group_index):
     return <object>value
 
 
-cdef inline double real_option(dict options, str key, Py_ssize_t group_index) except? -1.0:
+# How torch's step hands each real option to an op: -lr and 1 - dampening
+# are computed in Python first, momentum and weight_decay pass as they are
+# after a `!= 0` test.  An error is raised with the type torch's would have.
+cdef enum TorchUse:
+    PASSED_AFTER_TEST = 0
+    NEGATED = 1
+    SUBTRACTED_FROM_ONE = 2
+
+
+cdef inline double real_option(dict options, str key, Py_ssize_t group_index,
+                               int use) except? -1.0:
     value = option(options, key, group_index)
     if type(value) is float:
         return <double>value
-    if cnp.PyArray_Check(value) and cnp.PyArray_SIZE(<cnp.ndarray>value) == 1:
-        value = value.item()  # a 1-element array, as torch takes a 1-element Tensor lr
+    if cnp.PyArray_Check(value):
+        if cnp.PyArray_SIZE(<cnp.ndarray>value) == 1:
+            value = value.item()  # a 1-element array, as torch takes a 1-element Tensor lr
+        elif use == PASSED_AFTER_TEST:  # torch's `!= 0` test has no single truth value
+            raise ValueError(f"{where_option(group_index, key)} must be a real number, but "
+                             f"got an array of {value.size} elements (its truth value is "
+                             f"ambiguous)")
+    # (a numpy complex64 is not a complex: float() takes its real part with
+    # numpy's ComplexWarning, as torch does)
+    if isinstance(value, complex):
+        raise RuntimeError(f"{where_option(group_index, key)} must be a real number, "
+                           f"but got complex")
+    if value is True and key == "weight_decay":  # torch: a bool alpha on a float tensor
+        raise RuntimeError(f"{where_option(group_index, key)} must be a real number, "
+                           f"but got bool (torch: Boolean alpha only supported for "
+                           f"Boolean results)")
     # float() also parses strings: "0.1" is no more a number here than in torch.
     if not isinstance(value, (str, bytes, bytearray)):
+        if isinstance(value, int):  # defaults such as dampening=0: no float object
+            check_torch_int(value, key, group_index, use)
+            return PyLong_AsDouble(value)
         try:
-            if type(value) is int:  # defaults such as dampening=0: no float object
-                return PyLong_AsDouble(value)
             return float(value)
         except (TypeError, ValueError):
             pass
-        except OverflowError:
-            raise ValueError(f"{where_option(group_index, key)} is out of the range "
-                             f"of a float") from None
     raise TypeError(f"{where_option(group_index, key)} must be a real number, "
                     f"but got {type(value).__name__}")
+
+
+cdef inline int check_torch_int(object value, str key, Py_ssize_t group_index,
+                                int use) except -1:
+    """torch converts a Python int to an int64 or uint64 Scalar: beyond both
+    it raises OverflowError."""
+    scalar = -value if use == NEGATED else 1 - value if use == SUBTRACTED_FROM_ONE else value
+    if scalar < -2**63 or scalar >= 2**64:
+        raise OverflowError(f"{where_option(group_index, key)} is out of the range of "
+                            f"torch's integer scalars (int64, uint64)")
+    return 0
 
 
 cdef inline bint flag_option(dict options, str key, Py_ssize_t group_index) except -1:
     value = option(options, key, group_index)
     try:
         return bool(value)
+    except ValueError as error:  # a many-element array: torch's `if flag:` raises it
+        raise ValueError(f"{where_option(group_index, key)} must be a bool: {error}") from None
     except Exception:
         raise TypeError(f"{where_option(group_index, key)} must be a bool, but got "
                         f"{type(value).__name__}") from None
@@ -372,16 +407,19 @@ cdef inline int check_tensor(object param, object grad, object buf,
 
 # ------------------------------------------------- half precision (issue 14)
 
-# Rule: torch rounds every alpha of an op on a 16-bit tensor to its dtype
-# (Scalar.to<Half>() / to<BFloat16>()) and refuses a finite value beyond the
-# dtype's range; fastsgd refuses it before writing anything.
+# Rule: torch rounds every alpha of an op on a float32 or 16-bit tensor to
+# its dtype (Scalar.to<float>() / to<Half>() / to<BFloat16>()) and refuses a
+# finite value beyond the dtype's range; fastsgd refuses it before writing
+# anything.
 cdef inline int check_alpha_fits(double value, int dtype, str key,
                                  Py_ssize_t group_index) except -1:
-    cdef double largest = 65504.0 if dtype == FASTSGD_F16 else 3.3895313892515355e38
+    cdef double largest = (65504.0 if dtype == FASTSGD_F16 else 3.3895313892515355e38
+                           if dtype == FASTSGD_BF16 else 3.4028234663852886e38)
     if value == value and value - value == 0.0 and (value > largest or value < -largest):
+        name = ("c10::Half" if dtype == FASTSGD_F16 else "c10::BFloat16"
+                if dtype == FASTSGD_BF16 else "float")
         raise RuntimeError(f"{where_option(group_index, key)}: value cannot be converted to "
-                           f"type {'c10::Half' if dtype == FASTSGD_F16 else 'c10::BFloat16'} "
-                           f"without overflow")
+                           f"type {name} without overflow")
     return 0
 
 
