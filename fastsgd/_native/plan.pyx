@@ -26,7 +26,7 @@ from fastsgd._native.kernels cimport (FASTSGD_F16, FASTSGD_NDTYPES,
 from fastsgd._native.objects cimport (DENSE, GRAD_OFFSET, PARAMETER_TYPE, PyListObject,
                                       PyTupleObject, array_ptr, dense_like, grad_of, grad_slot,
                                       init_objects, refresh_bfloat16, size_of, type_of)
-from fastsgd._native.rules cimport (check_alpha_fits, check_tensor, explain_master_rejection,
+from fastsgd._native.rules cimport (check_alphas, check_tensor, explain_master_rejection,
                                     flag_option, master_steps_as_is, option, real_option,
                                     same_strides, sharing, sharing_reason, span_of,
                                     steps_as_is, where)
@@ -660,17 +660,10 @@ cdef class GroupPlan:
             if not self.in_use & (1 << d):
                 continue
             batch = self.batch(d)
-            if self.hyper.weight_decay != 0.0:
-                check_alpha_fits(self.hyper.weight_decay, d, "weight_decay", group_index)
-            if self.with_momentum:
-                if self.hyper.nesterov:
-                    check_alpha_fits(self.hyper.momentum, d, "momentum", group_index)
-                later_step = False
-                for i in range(batch.count):
-                    later_step = later_step or not batch.buf_is_new[i]
-                if later_step:
-                    check_alpha_fits(1.0 - self.hyper.dampening, d, "dampening", group_index)
-            check_alpha_fits(self.hyper.neg_lr, d, "lr", group_index)
+            later_step = False
+            for i in range(batch.count):
+                later_step = later_step or not batch.buf_is_new[i]
+            check_alphas(&self.hyper, d, self.with_momentum, later_step, group_index)
         return 0
 
     cdef int stage_master_group(self, object state, Py_ssize_t group_index) except -1:

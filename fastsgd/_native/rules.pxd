@@ -10,7 +10,8 @@ from cpython.dict cimport PyDict_GetItemWithError
 from cpython.long cimport PyLong_AsDouble
 from cpython.object cimport PyObject
 
-from fastsgd._native.kernels cimport FASTSGD_BF16, FASTSGD_F16, FASTSGD_F32, FASTSGD_F64
+from fastsgd._native.kernels cimport (FASTSGD_BF16, FASTSGD_F16, FASTSGD_F32, FASTSGD_F64,
+                                      fastsgd_sgd_hyper)
 from fastsgd._native.objects cimport (DENSE, NPY_OPPBYTE, array_ptr, is_array, itemsize,
                                       kernel_dtype, refresh_bfloat16, size_of)
 
@@ -382,6 +383,21 @@ cdef inline int check_alpha_fits(double value, int dtype, str key,
         raise RuntimeError(f"{where_option(group_index, key)}: value cannot be converted to "
                            f"type {'c10::Half' if dtype == FASTSGD_F16 else 'c10::BFloat16'} "
                            f"without overflow")
+    return 0
+
+
+# The alphas a step applies to a 16-bit tensor of the kernel's dtype: weight
+# decay's, nesterov's momentum, a later step's 1 - dampening, and -lr.
+cdef inline int check_alphas(const fastsgd_sgd_hyper *h, int dtype, bint with_momentum,
+                             bint later_step, Py_ssize_t group_index) except -1:
+    if h.weight_decay != 0.0:
+        check_alpha_fits(h.weight_decay, dtype, "weight_decay", group_index)
+    if with_momentum:
+        if h.nesterov:
+            check_alpha_fits(h.momentum, dtype, "momentum", group_index)
+        if later_step:
+            check_alpha_fits(1.0 - h.dampening, dtype, "dampening", group_index)
+    check_alpha_fits(h.neg_lr, dtype, "lr", group_index)
     return 0
 
 
