@@ -26,7 +26,7 @@ from fastsgd._native.kernels cimport (FASTSGD_F16, FASTSGD_NDTYPES,
 from fastsgd._native.objects cimport (DENSE, GRAD_OFFSET, PARAMETER_TYPE, PyListObject,
                                       PyTupleObject, array_ptr, dense_like, grad_of, grad_slot,
                                       init_objects, refresh_bfloat16, size_of, type_of)
-from fastsgd._native.rules cimport (check_alphas, check_tensor, explain_master_rejection,
+from fastsgd._native.rules cimport (check_step_alphas, check_tensor, explain_master_rejection,
                                     flag_option, master_steps_as_is, option, real_option,
                                     same_strides, sharing, sharing_reason, span_of,
                                     steps_as_is, where)
@@ -663,7 +663,7 @@ cdef class GroupPlan:
             later_step = False
             for i in range(batch.count):
                 later_step = later_step or not batch.buf_is_new[i]
-            check_alphas(&self.hyper, d, self.with_momentum, later_step, group_index)
+            check_step_alphas(&self.hyper, d, self.with_momentum, later_step, group_index)
         return 0
 
     cdef int stage_master_group(self, object state, Py_ssize_t group_index) except -1:

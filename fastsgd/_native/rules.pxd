@@ -388,8 +388,8 @@ cdef inline int check_alpha_fits(double value, int dtype, str key,
 
 # The alphas a step applies to a 16-bit tensor of the kernel's dtype: weight
 # decay's, nesterov's momentum, a later step's 1 - dampening, and -lr.
-cdef inline int check_alphas(const fastsgd_sgd_hyper *h, int dtype, bint with_momentum,
-                             bint later_step, Py_ssize_t group_index) except -1:
+cdef inline int check_step_alphas(const fastsgd_sgd_hyper *h, int dtype, bint with_momentum,
+                                  bint later_step, Py_ssize_t group_index) except -1:
     if h.weight_decay != 0.0:
         check_alpha_fits(h.weight_decay, dtype, "weight_decay", group_index)
     if with_momentum:

@@ -26,7 +26,7 @@ from fastsgd._native cimport kernels
 from fastsgd._native.batch cimport grow
 from fastsgd._native.kernels cimport (FASTSGD_BF16, FASTSGD_F16, FASTSGD_F32, FASTSGD_F64,
                                       FASTSGD_NDTYPES, fastsgd_impl, fastsgd_tensor_list)
-from fastsgd._native.rules cimport check_alphas, flag_option, option, real_option, where
+from fastsgd._native.rules cimport check_step_alphas, flag_option, option, real_option, where
 
 cnp.import_array()  # for rules.pxd's option readers
 
@@ -134,6 +134,7 @@ cdef class _Group:
     cdef list buffers  # the buffer last checked, per parameter (or None)
     cdef int64_t *data  # per parameter: data pointer when checked (0: not checked)
     cdef int64_t *buffer_data  # per parameter: its buffer's data pointer when checked
+    cdef uint8_t *in_spans  # per parameter: in the stepper's spans
     cdef int64_t *sizes
     cdef int *codes
     cdef Py_ssize_t capacity
@@ -154,6 +155,7 @@ cdef class _Group:
     def __dealloc__(self):
         PyMem_Free(self.data)
         PyMem_Free(self.buffer_data)
+        PyMem_Free(self.in_spans)
         PyMem_Free(self.sizes)
         PyMem_Free(self.codes)
         PyMem_Free(self.grad_spans)
@@ -173,6 +175,7 @@ cdef class _Group:
         if n > self.capacity:
             self.data = <int64_t *>grow(self.data, n * sizeof(int64_t))
             self.buffer_data = <int64_t *>grow(self.buffer_data, n * sizeof(int64_t))
+            self.in_spans = <uint8_t *>grow(self.in_spans, n * sizeof(uint8_t))
             self.sizes = <int64_t *>grow(self.sizes, n * sizeof(int64_t))
             self.codes = <int *>grow(self.codes, n * sizeof(int))
             self.grad_spans = <int64_t *>grow(self.grad_spans, 3 * n * sizeof(int64_t))
@@ -180,6 +183,7 @@ cdef class _Group:
         cdef Py_ssize_t i
         for i in range(n):
             self.data[i] = 0
+            self.in_spans[i] = False
         self.params = tuple(params)
         self.shapes = [None] * n
         self.dtypes = [None] * n
@@ -244,6 +248,7 @@ cdef class _Group:
                 continue
             if self.data[i] == 0 or p.data_ptr() != self.data[i]:
                 moved[0] |= self.read_param(i, p, g)
+            moved[0] |= not self.in_spans[i]
             try:
                 # one check per property; a sparse grad raises in is_contiguous()
                 ok = (<PyObject *>grad.dtype == PyList_GET_ITEM(self.dtypes, i) and grad.is_cpu
@@ -298,7 +303,7 @@ cdef class _Group:
             self.stepped.append(p)
         for d in range(FASTSGD_F16, FASTSGD_NDTYPES):
             if in_use & (1 << d):
-                check_alphas(&self.hyper, d, self.with_momentum, (later >> d) & 1, g)
+                check_step_alphas(&self.hyper, d, self.with_momentum, (later >> d) & 1, g)
         return 0
 
     cdef void run(self) noexcept:
@@ -361,6 +366,7 @@ cdef class TensorStepper:
     # the parameters' and buffers' memory, sorted: (start, end) pairs
     cdef int64_t *spans
     cdef Py_ssize_t nspans
+    cdef bint spans_valid  # the spans are the memory of the last step
 
     def __cinit__(self):
         self.groups = []
@@ -371,11 +377,13 @@ cdef class TensorStepper:
     def step(self, list param_groups, object state):
         """One step of every group (state: the optimizer's)."""
         cdef Py_ssize_t g, n = len(param_groups)
+        cdef bint moved = not self.spans_valid or n != len(self.groups)
         while len(self.groups) < n:
             self.groups.append(_Group())
         del self.groups[n:]
-        cdef bint moved = False
         cdef _Group group
+        # a refused step leaves the spans unchecked: the next one checks them
+        self.spans_valid = False
         for g in range(n):
             group_dict = param_groups[g]
             if not PyDict_Check(group_dict):
@@ -385,6 +393,7 @@ cdef class TensorStepper:
         if moved:
             self.check_memory()
         self.check_grads()
+        self.spans_valid = True
         for group in self.groups:
             group.run()
         for group in self.groups:
@@ -400,20 +409,20 @@ cdef class TensorStepper:
         cdef Py_ssize_t g, i
         for g, group in enumerate(self.groups):
             for i, p in enumerate(group.params):
-                name = where(g, i)
                 if id(p) in seen:
-                    raise ValueError(f"{name} is {seen[id(p)]} again: fastsgd.torch.SGD "
-                                     f"steps each parameter once per step")
-                seen[id(p)] = name
-                if group.data[i] == 0:
-                    continue  # not checked: it has no grad
-                code = group.codes[i]
-                end = group.data[i] + group.sizes[i] * _ITEMSIZES[code]
-                spans.append((group.data[i], end, name))
-                buf = group.buffers[i]
-                if buf is not None:
-                    start = buf.data_ptr()
-                    spans.append((start, start + buf.nbytes, f"the momentum buffer of {name}"))
+                    raise ValueError(f"{where(g, i)} is {seen[id(p)]} again: "
+                                     f"fastsgd.torch.SGD steps each parameter once per step")
+                seen[id(p)] = where(g, i)
+                group.in_spans[i] = False
+            # the memory this step writes (read this step: see prepare)
+            for k in range(len(group.grads)):
+                i = group.grad_spans[3 * k + 2]
+                group.in_spans[i] = True
+                nbytes = group.sizes[i] * _ITEMSIZES[group.codes[i]]
+                spans.append((group.data[i], group.data[i] + nbytes, where(g, i)))
+                if group.with_momentum and group.buffers[i] is not None:
+                    spans.append((group.buffer_data[i], group.buffer_data[i] + nbytes,
+                                  f"the momentum buffer of {where(g, i)}"))
         found = _overlap(spans)
         if found is not None:
             raise RuntimeError(f"{found[0]} and {found[1]} share memory: fastsgd.torch.SGD "
