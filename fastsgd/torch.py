@@ -23,9 +23,9 @@ class SGD(torch.optim.SGD):
     parameters, grads and buffers must be dense, contiguous CPU tensors of
     float32, float64, float16 or bfloat16, the grads and buffers of their
     parameter's dtype and shape, sharing no memory (a parameter listed
-    twice, or two sharing memory, is refused).  It bumps the version
-    counters as torch's in-place ops would, so autograd still sees a
-    parameter saved for backward change.
+    twice, or two sharing memory, is refused).  It bumps each stepped
+    parameter's version counter as torch's in-place ``add_`` does, so
+    autograd still sees a parameter saved for backward change.
 
     Args:
         params: the parameters or parameter groups, as for torch.optim.SGD.

@@ -250,17 +250,19 @@ cdef class _Group:
                 moved[0] |= self.read_param(i, p, g)
             moved[0] |= not self.in_spans[i]
             try:
-                # one check per property; a sparse grad raises in is_contiguous()
-                ok = (<PyObject *>grad.dtype == PyList_GET_ITEM(self.dtypes, i) and grad.is_cpu
+                # a sparse grad raises in is_contiguous(), a grad off the CPU
+                # (its device is checked when assigned) has no data pointer
+                ok = (<PyObject *>grad.dtype == PyList_GET_ITEM(self.dtypes, i)
                       and grad.is_contiguous() and grad.shape == self.shapes[i])
+                gdata = grad.data_ptr() if ok else 0
             except RuntimeError:
                 ok = False
-            if not ok:
+            if not ok or gdata == 0:
                 # the parameter may have changed in place
                 moved[0] |= self.read_param(i, p, g)
                 _check_like(p, grad, where(g, i), "grad")
+                gdata = grad.data_ptr()
             code = self.codes[i]
-            gdata = grad.data_ptr()
             self.grad_spans[3 * k] = gdata
             self.grad_spans[3 * k + 1] = gdata + self.sizes[i] * _ITEMSIZES[code]
             self.grad_spans[3 * k + 2] = i
@@ -318,15 +320,15 @@ cdef class _Group:
                     kernels.sgd(impl, d, &self.hyper, &lst[d], False)
 
     cdef int commit(self, object state) except -1:
-        """Store the new buffers and bump the version counters of what the
-        step wrote, as torch's in-place ops do."""
+        """Store the new buffers and bump the parameters' version counters,
+        as torch's in-place add_ does."""
         for p, buf in self.new_buffers:
             state[p]["momentum_buffer"] = buf  # makes state[p], as torch's step does
         if self.stepped:
-            # once each, in one call: torch's ops bump a buffer twice (mul_,
-            # add_), but any increase tells autograd the tensor changed
-            _increment_version(self.stepped + self.later_buffers if self.later_buffers
-                               else self.stepped)
+            # the parameters', which autograd checks when a graph saved them
+            # (buffers, which no graph holds, are left: bumping them would
+            # cost as much again)
+            _increment_version(self.stepped)
         self.grads = self.stepped = self.later_buffers = self.new_buffers = None
         return 0
 
