@@ -247,6 +247,7 @@ def _torch_step(mode):
         grads = [_to_torch(torch, g) for g in model.grads]
         for p, g in zip(params, grads):
             p.grad = g
+        opt: torch.optim.Optimizer
         if mode == "fastsgd.torch":
             from fastsgd.torch import SGD as TorchAdapterSGD
             fastsgd.set_num_threads(threads)
@@ -255,18 +256,17 @@ def _torch_step(mode):
             implementation = {mode: True} if mode else {"foreach": False}
             opt = torch.optim.SGD(params, **workload.options, **implementation)
         opt.step()
-        step = opt.step
-        if workload.new_grads:
-            # two sets of the same values, taken in turns: each sample's grads
-            # are new tensors, its work the same
-            sets = [grads, [g.clone() for g in grads]]
+        if not workload.new_grads:
+            return opt.step
+        # two sets of the same values, taken in turns: each sample's grads
+        # are new tensors, its work the same
+        sets = [grads, [g.clone() for g in grads]]
 
-            def new_grads():
-                sets.reverse()
-                for p, g in zip(params, sets[0]):
-                    p.grad = g
-            step = _WithNewGrads(opt.step, new_grads)
-        return step
+        def new_grads():
+            sets.reverse()
+            for p, g in zip(params, sets[0]):
+                p.grad = g
+        return _WithNewGrads(opt.step, new_grads)
     return setup
 
 

@@ -4,6 +4,7 @@ import copy
 import itertools
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -321,3 +322,39 @@ def test_every_combination_of_flags():
             for model, opt in pairs:
                 train_step(model, opt, x)
         assert_same(*pairs)
+
+
+def test_steps_from_two_threads_take_turns():
+    params = [torch.nn.Parameter(torch.randn(1000)) for _ in range(8)]
+    twins_ = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(params, twins_):
+        p.grad = torch.randn(1000)
+        q.grad = p.grad.clone()
+    opt = fastsgd.torch.SGD(params, lr=0.01, momentum=0.9)
+    reference = torch.optim.SGD(twins_, lr=0.01, momentum=0.9, foreach=False)
+    workers = [threading.Thread(target=lambda: [opt.step() for _ in range(50)])
+               for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    for _ in range(100):
+        reference.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, twins_))
+
+
+def test_a_step_run_during_a_step_of_the_same_optimizer_raises():
+    stepping = []
+
+    class Reentrant(torch.nn.Parameter):
+        def __hash__(self):
+            if stepping:
+                opt.step()  # the state lookup of a step runs this
+            return id(self)
+
+    p = Reentrant(torch.ones(3))
+    p.grad = torch.ones(3)
+    opt = fastsgd.torch.SGD([p], lr=0.1, momentum=0.9)
+    stepping.append(True)
+    with pytest.raises(RuntimeError, match="during a step of the same optimizer"):
+        opt.step()

@@ -12,6 +12,8 @@ every step), each parameter's data pointer and dtype, and the momentum
 buffers in the state.  A parameter's shape and layout are re-read when its
 data pointer changes, or when its grad's shape no longer matches.
 """
+import threading
+
 import torch
 
 cimport numpy as cnp
@@ -363,7 +365,10 @@ def _overlap(spans):
 
 cdef class TensorStepper:
     """Steps the param_groups of a fastsgd.torch.SGD: every group checked
-    and staged before any memory is written."""
+    and staged before any memory is written.  Steps from several threads
+    take turns."""
+    cdef object lock
+    cdef object holder  # the thread that holds the lock, else None
     cdef list groups
     # the parameters' and buffers' memory, sorted: (start, end) pairs
     cdef int64_t *spans
@@ -372,12 +377,27 @@ cdef class TensorStepper:
 
     def __cinit__(self):
         self.groups = []
+        self.lock = threading.Lock()
 
     def __dealloc__(self):
         PyMem_Free(self.spans)
 
     def step(self, list param_groups, object state):
         """One step of every group (state: the optimizer's)."""
+        if not self.lock.acquire(False):
+            # Python code a step runs (a grad's property, a hash) stepping the
+            # same optimizer would wait for itself
+            if self.holder == threading.get_ident():
+                raise RuntimeError("step() called during a step of the same optimizer")
+            self.lock.acquire()
+        self.holder = threading.get_ident()
+        try:
+            self.step_locked(param_groups, state)
+        finally:
+            self.holder = None
+            self.lock.release()
+
+    cdef int step_locked(self, list param_groups, object state) except -1:
         cdef Py_ssize_t g, n = len(param_groups)
         cdef bint moved = not self.spans_valid or n != len(self.groups)
         while len(self.groups) < n:
@@ -400,6 +420,7 @@ cdef class TensorStepper:
             group.run()
         for group in self.groups:
             group.commit(state)
+        return 0
 
     cdef int check_memory(self) except -1:
         """Refuse a parameter listed twice and parameters or buffers sharing
