@@ -63,7 +63,7 @@ C_HEADERS = ["csrc/fastsgd.h", "csrc/sgd_step.h", "csrc/sgd_loop.h", "csrc/maste
              "csrc/stream_loop.h", "csrc/clip_loop.h", "csrc/average_loop.h", "csrc/sgd_instantiate.h",
              "csrc/half_instantiate.h", "csrc/half_convert.h", "csrc/half_simd.h"]
 # In import order: each module cimports only those before it.
-NATIVE_MODULES = ["kernels", "batch", "plan", "stepper", "clip", "roofline"]
+NATIVE_MODULES = ["kernels", "batch", "plan", "stepper", "clip", "roofline", "tensors"]
 
 
 def native_extension(module):

@@ -109,12 +109,12 @@ def main(argv=None):
     check_cmd.add_argument("--steps", type=int, default=50)
     bench_cmd = commands.add_parser("bench", help="time fastsgd against its peers")
     bench_cmd.add_argument("--workloads", nargs="+", metavar="W",
-                           help="W1 ... W6 (default: all)")
+                           help="W1 ... W6, H1 ... H4, M1, M2, T1, T2 (default: all)")
     bench_cmd.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     bench_cmd.add_argument("--peers", nargs="+", metavar="PEER",
                            help="fastsgd, roofline, 'roofline reading objects', "
-                                "'torch for-loop', 'torch foreach', 'torch fused', reference "
-                                "(default: all)")
+                                "'torch for-loop', 'torch foreach', 'torch fused', reference, "
+                                "'fastsgd f32', 'torch chain', 'fastsgd on numpy' (default: all)")
     bench_cmd.add_argument("--budget", type=float, default=0.5,
                            help="seconds of timing per measurement (default 0.5)")
     bench_cmd.add_argument("--json", default="fastsgd-bench.json",

@@ -8,7 +8,11 @@ float32 step of the same shapes; the master-weights workloads time fastsgd's
 step with GradScaler against torch's chain: float32 params with
 GradScaler("cpu") and fused SGD, then a copy back to the 16-bit params
 (torch's fused SGD does not write 16-bit params in torch 2.13, and is left
-out there).  Every peer starts from the same
+out there).  The torch workloads (T1, T2) time fastsgd.torch.SGD on torch
+tensors as "fastsgd", beside fastsgd.SGD on numpy arrays of the same shapes
+and torch's three SGDs; T2 gives every torch peer new grad tensors before
+each sample (untimed), as a backward pass after zero_grad() does.  Every peer
+starts from the same
 values and grads; times are medians of individually timed steps (batched for
 steps shorter than a millisecond).  Every sample starts from a state that does
 not depend on which peer ran before it: "cold", the cache flushed, as a step
@@ -74,6 +78,8 @@ class Workload:
     options: dict = field(default_factory=lambda: dict(DEFAULT_OPTIONS))
     cache: str = "cold"  # the state each sample starts from (see the module's doc)
     master_weights: bool = False  # 16-bit params, float32 masters, GradScaler
+    torch: bool = False  # "fastsgd" is fastsgd.torch.SGD on torch tensors
+    new_grads: bool = False  # torch peers get new grad tensors before each sample
 
     @property
     def elements(self):
@@ -108,6 +114,10 @@ WORKLOADS = [
              master_weights=True),
     Workload("M2", "ResNet-50, f16 master weights", resnet50_shapes(), "float16",
              master_weights=True),
+    # torch tensors (issue 15)
+    Workload("T1", "ResNet-50 shapes, f32, torch tensors", resnet50_shapes(), torch=True),
+    Workload("T2", "5,000 tensors x 256, f32, torch tensors, new grads", [(256,)] * 5000,
+             torch=True, new_grads=True),
 ]
 
 
@@ -133,6 +143,8 @@ class Model:
 
 
 def _fastsgd_step(workload, threads, model, optimizer_class=fastsgd.SGD):
+    if workload.torch and optimizer_class is fastsgd.SGD:
+        return _torch_step("fastsgd.torch")(workload, threads, model)
     fastsgd.set_num_threads(threads)
     params = [fastsgd.Parameter(v) for v in model.values]
     for p, g in zip(params, model.grads):
@@ -167,14 +179,28 @@ class _FastsgdFloat32(fastsgd.SGD):
     """fastsgd.SGD, as a peer of its own 16-bit steps."""
 
 
+def _fastsgd_numpy_step(workload, threads, model):
+    """fastsgd.SGD on numpy arrays of a torch workload's shapes (a target
+    compares fastsgd.torch.SGD with it)."""
+    if not workload.torch:
+        return None
+    return _fastsgd_step(workload, threads, model, _FastsgdNumpy)
+
+
+class _FastsgdNumpy(fastsgd.SGD):
+    """fastsgd.SGD, as a peer of fastsgd.torch.SGD."""
+
+
 def _reference_step(workload, threads, model):
-    if threads != 1 or workload.master_weights:
+    if threads != 1 or workload.master_weights or workload.torch:
         return None
     copied = Model([v.copy() for v in model.values], [g.copy() for g in model.grads])
     return _fastsgd_step(workload, 1, copied, reference.SGD)
 
 
 def _roofline_step(workload, threads, model, read_objects=False):
+    if workload.torch:
+        return None  # its arrays are numpy's; the torch workloads compare torch's peers
     fastsgd.set_num_threads(threads)
     opt = model.fastsgd_optimizer
     if workload.master_weights:
@@ -218,13 +244,41 @@ def _torch_step(mode):
             return None  # torch 2.13's fused SGD does not write 16-bit params
         torch.set_num_threads(threads)
         params = [torch.nn.Parameter(_to_torch(torch, v)) for v in model.values]
-        for p, g in zip(params, model.grads):
-            p.grad = _to_torch(torch, g)
-        implementation = {mode: True} if mode else {"foreach": False}
-        opt = torch.optim.SGD(params, **workload.options, **implementation)
+        grads = [_to_torch(torch, g) for g in model.grads]
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt: torch.optim.Optimizer
+        if mode == "fastsgd.torch":
+            from fastsgd.torch import SGD as TorchAdapterSGD
+            fastsgd.set_num_threads(threads)
+            opt = TorchAdapterSGD(params, **workload.options)
+        else:
+            implementation = {mode: True} if mode else {"foreach": False}
+            opt = torch.optim.SGD(params, **workload.options, **implementation)
         opt.step()
-        return opt.step
+        if not workload.new_grads:
+            return opt.step
+        # two sets of the same values, taken in turns: each sample's grads
+        # are new tensors, its work the same
+        sets = [grads, [g.clone() for g in grads]]
+
+        def new_grads():
+            sets.reverse()
+            for p, g in zip(params, sets[0]):
+                p.grad = g
+        return _WithNewGrads(opt.step, new_grads)
     return setup
+
+
+class _WithNewGrads:
+    """A peer's step, and what gives it new grads before each sample."""
+
+    def __init__(self, step, before_sample):
+        self.step = step
+        self.before_sample = before_sample
+
+    def __call__(self):
+        self.step()
 
 
 def _torch_chain_step(workload, threads, model):
@@ -266,6 +320,7 @@ PEERS = {
     "reference": _reference_step,
     "fastsgd f32": _fastsgd_float32_step,
     "torch chain": _torch_chain_step,
+    "fastsgd on numpy": _fastsgd_numpy_step,
 }
 
 
@@ -381,14 +436,14 @@ def measure_together(steps, budget_s, min_rounds=15, max_rounds=200, before_samp
     return samples
 
 
-# Peers of the 16-bit workloads only: the table has their columns only then.
-_HALF_PEERS = ("fastsgd f32", "torch chain")
+# Peers of the 16-bit and torch workloads only: the table has their columns only then.
+_HALF_PEERS = ("fastsgd f32", "torch chain", "fastsgd on numpy")
 # Takes seconds per step on the large workloads: a few samples, on its own.
 _SLOW_PEERS = ("reference",)
 # The peers of the targets' ratios (and both thread counts of each): sampled
 # back to back in each round, apart from torch's slower for-loop and foreach.
 _BACK_TO_BACK_PEERS = ("fastsgd", "roofline", "roofline reading objects", "torch fused",
-                       "fastsgd f32", "torch chain")
+                       "fastsgd f32", "torch chain", "fastsgd on numpy")
 # Rounds of those peers alone after the rounds of all: back to back, their
 # per-round ratios still scatter widely on this VM (fastsgd vs the roofline
 # on W3 at 1 thread from 0.34 to 2.12 within one run's 15 rounds, whose
@@ -396,6 +451,10 @@ _BACK_TO_BACK_PEERS = ("fastsgd", "roofline", "roofline reading objects", "torch
 # read 99.2-99.7%), and torch's for-loop and foreach make a round of all
 # peers take over a second.
 _TARGET_ROUNDS = 30
+
+
+def _nothing():
+    pass
 
 
 def _measure_samples(samples, steps, flush, budget_s, **kwargs):
@@ -406,6 +465,7 @@ def _measure_samples(samples, steps, flush, budget_s, **kwargs):
     def before_sample(i):
         peer, t = samples[i]
         _use_threads(t)
+        getattr(steps[peer], "before_sample", _nothing)()
         if flush is not None:
             flush()
         else:  # what the peer's own previous step leaves in cache

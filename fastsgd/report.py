@@ -98,6 +98,20 @@ TARGETS = [
 ]
 
 
+# fastsgd.torch.SGD's targets (issue 15), judged in the torch region's table.
+TORCH_TARGETS = [
+    Target("within 5% of fastsgd on numpy arrays", ("T1",), _faster_than("fastsgd on numpy"),
+           0.95, "x"),
+    Target("at least 2x faster than torch fused", ("T2",), _faster_than("torch fused"), 2.0,
+           "x"),
+    Target("at least 5x faster than torch's for-loop", ("T2",),
+           _faster_than("torch for-loop"), 5.0, "x"),
+]
+TORCH_WORKLOADS = tuple(w.name for w in bench.WORKLOADS if w.torch)
+TORCH_COLUMNS = ("workload", "threads", "fastsgd", "GB/s", "x vs fastsgd on numpy",
+                 "x vs torch for-loop", "x vs torch foreach", "x vs torch fused")
+
+
 def _format(value, unit):
     if unit == "%":
         return f"{100 * value:.0f}%"
@@ -106,8 +120,8 @@ def _format(value, unit):
     return f"{value:.2f}x"
 
 
-def judgements(results):
-    """Each target against one run, per workload and thread count (or 2
+def judgements(results, targets=TARGETS):
+    """Each target (of targets) against one run, per workload and thread count (or 2
     threads against 1): (target, workload, threads label, fastsgd's value,
     the bounding roofline's value, verdict), the verdict one of met, missed,
     out of reach (the roofline itself misses it) or not in this run (a
@@ -115,7 +129,7 @@ def judgements(results):
     paired = bench._Paired(results)
     threads = sorted({r["threads"] for r in results}) or [1]
     measured = {r["workload"] for r in results}
-    for target in TARGETS:
+    for target in targets:
         for w in (w for w in target.workloads if w in measured):
             for t in ([1] if target.scaling else threads):
                 value = target.measure(paired, w, t, "fastsgd")
@@ -128,25 +142,25 @@ def judgements(results):
                 yield target, w, "2 vs 1" if target.scaling else str(t), value, bound, verdict
 
 
-def _unjudged(results, workloads=None):
+def _unjudged(results, workloads=None, targets=TARGETS):
     measured = {r["workload"] for r in results}
-    missing = sorted({w for target in TARGETS for w in target.workloads
+    missing = sorted({w for target in targets for w in target.workloads
                       if workloads is None or w in workloads} - measured)
     return (f"\n\nThe targets on {', '.join(missing)} are not judged: "
             "this run did not measure them.") if missing else ""
 
 
-def targets_table(results):
-    """Every judgement of one run, with fastsgd's value and the bound's;
-    workloads the run did not measure are named below the table."""
+def targets_table(results, targets=TARGETS):
+    """Every judgement of one run (of targets), with fastsgd's value and the
+    bound's; workloads the run did not measure are named below the table."""
     lines = ["| target | workload | threads | fastsgd | bound: the same for | verdict |",
              "|---|---|---|---|---|---|"]
-    for target, w, threads, value, bound, verdict in judgements(results):
+    for target, w, threads, value, bound, verdict in judgements(results, targets):
         cells = [target.text, w, threads, "-" if value is None else _format(value, target.unit),
                  "-" if bound is None else f"{target.bound_peer}: {_format(bound, target.unit)}",
                  verdict]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + _unjudged(results)
+    return "\n".join(lines) + _unjudged(results, targets=targets)
 
 
 def verdicts_table(results, workloads=None):
@@ -188,6 +202,17 @@ def run_summary(data):
     return text
 
 
+def torch_region(results):
+    """fastsgd.torch.SGD's rows ("fastsgd" is the adapter there) and its
+    targets' verdicts, or what to run when the run has none."""
+    rows = [r for r in results if r["workload"] in TORCH_WORKLOADS]
+    if not rows:
+        return (f"(This run did not measure {' and '.join(TORCH_WORKLOADS)}: "
+                f"`python -m fastsgd bench --workloads {' '.join(TORCH_WORKLOADS)}`.)")
+    return (bench.table(rows, columns=TORCH_COLUMNS) + "\n\n"
+            + targets_table(rows, TORCH_TARGETS))
+
+
 def regions(data):
     """Every generated region's text, by name, from a benchmark's JSON."""
     results = data["results"]
@@ -197,6 +222,7 @@ def regions(data):
         "run": run_summary(data),
         "headline": bench.table([r for r in results if r["workload"] in HEADLINE_WORKLOADS],
                                 columns=HEADLINE_COLUMNS),
+        "torch": torch_region(results),
         "results": bench.table(results),
         "limits": limits,
         "targets": targets_table(results),

@@ -258,3 +258,21 @@ def test_half_precision_peers_step_the_same_numbers():
         plain = bench.Workload("T", "test", [(33,), (4, 5)], dtype)
         for peer in ("fastsgd", "fastsgd f32", "torch for-loop", "torch foreach", "reference"):
             bench.PEERS[peer](plain, 1, bench.Model(*bench._model(plain)))()
+
+
+def test_the_torch_workloads_peers_run_and_get_new_grads_before_each_sample():
+    torch = pytest.importorskip("torch")
+    import fastsgd.torch
+
+    workload = bench.Workload("T", "test", [(33,), (4, 5)], torch=True, new_grads=True)
+    steps = {peer: bench.PEERS[peer](workload, 1, bench.Model(*bench._model(workload)))
+             for peer in bench.PEERS}
+    assert {p for p, step in steps.items() if step is not None} == {
+        "fastsgd", "fastsgd on numpy", "torch for-loop", "torch foreach", "torch fused"}
+    fast = steps["fastsgd"]
+    assert isinstance(fast.step.__self__, fastsgd.torch.SGD)
+    params = fast.step.__self__.param_groups[0]["params"]
+    before = [p.grad for p in params]
+    fast.before_sample()
+    assert all(p.grad is not g and torch.equal(p.grad, g) for p, g in zip(params, before))
+    fast()

@@ -107,3 +107,13 @@ def test_the_command_prints_rewrites_and_checks_the_docs(tmp_path):
         tmp_path / "README.md").read_text()
     assert "old" not in (tmp_path / "docs" / "performance.md").read_text()
     assert command("--check").returncode == 0
+
+
+def test_the_torch_region_judges_the_adapters_targets():
+    rows = [result("T2", "fastsgd", 1, 1.0), result("T2", "torch fused", 1, 3.0),
+            result("T2", "torch for-loop", 1, 4.0)]
+    text = report.torch_region(rows)
+    assert text.startswith("| workload | threads | fastsgd | GB/s | x vs torch for-loop |")
+    assert "| at least 2x faster than torch fused | T2 | 1 | 3.00x | - | met |" in text
+    assert "| at least 5x faster than torch's for-loop | T2 | 1 | 4.00x | - | missed |" in text
+    assert report.torch_region(W2).startswith("(This run did not measure T1 and T2")

@@ -4,8 +4,9 @@ kernels (kernel choice and threads; owns the C library), objects.pxd (reading
 arrays and Parameters on raw pointers), rules.pxd (the input rules and their
 messages), batch (pointer lists and the arrays they hold), plan (a group's
 staging and the plan cache), stepper (the step and the functional entry),
-clip (clipping's, GradScaler's and averaging's loops) and roofline (the benchmark's rooflines, outside the
-step path).  This file gathers the names the rest of fastsgd uses.
+clip (clipping's, GradScaler's and averaging's loops), roofline (the benchmark's rooflines,
+outside the step path) and tensors (torch tensors, imported by fastsgd.torch alone: it imports
+torch).  This file gathers the names the rest of fastsgd uses.
 """
 from .clip import clamp_grads, grad_norms, lerp_arrays, mean_arrays, scale_grads, unscale_grads
 from .kernels import (

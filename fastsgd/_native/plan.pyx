@@ -26,9 +26,8 @@ from fastsgd._native.kernels cimport (FASTSGD_BF16, FASTSGD_F16, FASTSGD_F32, FA
 from fastsgd._native.objects cimport (DENSE, GRAD_OFFSET, PARAMETER_TYPE, PyListObject,
                                       PyTupleObject, array_ptr, dense_like, grad_of, grad_slot,
                                       init_objects, refresh_bfloat16, size_of, type_of)
-from fastsgd._native.rules cimport (NEGATED, PASSED_AFTER_TEST, SUBTRACTED_FROM_ONE,
-                                    check_alpha_fits, check_tensor, explain_master_rejection,
-                                    flag_option, master_steps_as_is, option, real_option,
+from fastsgd._native.rules cimport (check_step_alphas, check_tensor, explain_master_rejection,
+                                    flag_option, master_steps_as_is, option, read_hyper,
                                     same_strides, sharing, sharing_reason, span_of, steps_as_is,
                                     where)
 
@@ -181,22 +180,8 @@ cdef class GroupPlan:
         PyMem_Free(self.spans)
 
     cdef int read_options(self, dict options, Py_ssize_t group_index) except -1:
-        self.hyper.neg_lr = -real_option(options, "lr", group_index, NEGATED)
-        self.hyper.momentum = real_option(options, "momentum", group_index, PASSED_AFTER_TEST)
+        read_hyper(options, group_index, &self.hyper)
         self.with_momentum = self.hyper.momentum != 0.0
-        # torch reads dampening and nesterov only with momentum
-        self.hyper.dampening = 0.0
-        self.hyper.nesterov = False
-        if self.with_momentum:
-            self.hyper.dampening = real_option(options, "dampening", group_index,
-                                               SUBTRACTED_FROM_ONE)
-            self.hyper.nesterov = flag_option(options, "nesterov", group_index)
-        else:
-            option(options, "dampening", group_index)
-            option(options, "nesterov", group_index)
-        self.hyper.weight_decay = real_option(options, "weight_decay", group_index,
-                                              PASSED_AFTER_TEST)
-        self.hyper.maximize = flag_option(options, "maximize", group_index)
         # present only when True (fastsgd.SGD): one lookup
         self.master_weights = (PyDict_GetItemWithError(options, "master_weights") != NULL
                                and flag_option(options, "master_weights", group_index))
@@ -670,17 +655,10 @@ cdef class GroupPlan:
             if not self.in_use & (1 << d):
                 continue
             batch = self.batch(d)
-            if self.hyper.weight_decay != 0.0:
-                check_alpha_fits(self.hyper.weight_decay, d, "weight_decay", group_index)
-            if self.with_momentum:
-                if self.hyper.nesterov:
-                    check_alpha_fits(self.hyper.momentum, d, "momentum", group_index)
-                later_step = False
-                for i in range(batch.count):
-                    later_step = later_step or not batch.buf_is_new[i]
-                if later_step:
-                    check_alpha_fits(1.0 - self.hyper.dampening, d, "dampening", group_index)
-            check_alpha_fits(self.hyper.neg_lr, d, "lr", group_index)
+            later_step = False
+            for i in range(batch.count):
+                later_step = later_step or not batch.buf_is_new[i]
+            check_step_alphas(&self.hyper, d, self.with_momentum, later_step, group_index)
         return 0
 
     cdef int stage_master_group(self, object state, Py_ssize_t group_index) except -1:

@@ -10,7 +10,8 @@ from cpython.dict cimport PyDict_GetItemWithError
 from cpython.long cimport PyLong_AsDouble
 from cpython.object cimport PyObject
 
-from fastsgd._native.kernels cimport FASTSGD_BF16, FASTSGD_F16, FASTSGD_F32, FASTSGD_F64
+from fastsgd._native.kernels cimport (FASTSGD_BF16, FASTSGD_F16, FASTSGD_F32, FASTSGD_F64,
+                                      fastsgd_sgd_hyper)
 from fastsgd._native.objects cimport (DENSE, NPY_OPPBYTE, array_ptr, is_array, itemsize,
                                       kernel_dtype, refresh_bfloat16, size_of)
 
@@ -77,6 +78,25 @@ cdef inline double real_option(dict options, str key, Py_ssize_t group_index,
             pass
     raise TypeError(f"{where_option(group_index, key)} must be a real number, "
                     f"but got {type(value).__name__}")
+
+
+# A group's options as torch's SGD reads them: dampening and nesterov only
+# with momentum (present all the same).
+cdef inline int read_hyper(dict options, Py_ssize_t group_index,
+                           fastsgd_sgd_hyper *h) except -1:
+    h.neg_lr = -real_option(options, "lr", group_index, NEGATED)
+    h.momentum = real_option(options, "momentum", group_index, PASSED_AFTER_TEST)
+    h.dampening = 0.0
+    h.nesterov = False
+    if h.momentum != 0.0:
+        h.dampening = real_option(options, "dampening", group_index, SUBTRACTED_FROM_ONE)
+        h.nesterov = flag_option(options, "nesterov", group_index)
+    else:
+        option(options, "dampening", group_index)
+        option(options, "nesterov", group_index)
+    h.weight_decay = real_option(options, "weight_decay", group_index, PASSED_AFTER_TEST)
+    h.maximize = flag_option(options, "maximize", group_index)
+    return 0
 
 
 cdef inline int check_torch_int(object value, str key, Py_ssize_t group_index,
@@ -420,6 +440,21 @@ cdef inline int check_alpha_fits(double value, int dtype, str key,
                 if dtype == FASTSGD_BF16 else "float")
         raise RuntimeError(f"{where_option(group_index, key)}: value cannot be converted to "
                            f"type {name} without overflow")
+    return 0
+
+
+# The alphas a step applies to a float32 or 16-bit tensor of the kernel's dtype: weight
+# decay's, nesterov's momentum, a later step's 1 - dampening, and -lr.
+cdef inline int check_step_alphas(const fastsgd_sgd_hyper *h, int dtype, bint with_momentum,
+                                  bint later_step, Py_ssize_t group_index) except -1:
+    if h.weight_decay != 0.0:
+        check_alpha_fits(h.weight_decay, dtype, "weight_decay", group_index)
+    if with_momentum:
+        if h.nesterov:
+            check_alpha_fits(h.momentum, dtype, "momentum", group_index)
+        if later_step:
+            check_alpha_fits(1.0 - h.dampening, dtype, "dampening", group_index)
+    check_alpha_fits(h.neg_lr, dtype, "lr", group_index)
     return 0
 
 

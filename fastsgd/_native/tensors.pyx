@@ -1,0 +1,496 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+"""torch tensors on fastsgd's kernel: TensorStepper steps the param_groups of
+a fastsgd.torch.SGD in place.
+
+It reads each tensor through torch's public Python API only (data_ptr(),
+dtype, shape, is_contiguous(), is_cpu, layout): no torch header, nothing
+compiled against torch.  Every group is checked and its pointer lists built
+before any memory is written; then one native call per group and dtype runs
+without the GIL.  What a step must re-read is what can change between steps
+without the optimizer seeing it: every grad (torch sets new grad tensors
+every step), each parameter's data pointer and dtype, and the momentum
+buffers in the state.  A parameter's shape and layout are re-read when its
+data pointer changes, or when its grad's shape no longer matches.
+"""
+import threading
+
+import torch
+
+cimport numpy as cnp
+from cpython.dict cimport PyDict_Check, PyDict_GetItem
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.mem cimport PyMem_Free
+from cpython.object cimport PyObject
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from libc.stdint cimport int64_t, uint8_t
+
+from fastsgd._native cimport kernels
+from fastsgd._native.batch cimport grow
+from fastsgd._native.kernels cimport (FASTSGD_BF16, FASTSGD_F16, FASTSGD_F32, FASTSGD_F64,
+                                      FASTSGD_NDTYPES, fastsgd_impl, fastsgd_tensor_list)
+from fastsgd._native.rules cimport check_step_alphas, flag_option, option, read_hyper, where
+
+cnp.import_array()  # for rules.pxd's option readers
+
+# the kernel's dtype code of each torch dtype it steps
+_DTYPE_CODES = {torch.float32: FASTSGD_F32, torch.float64: FASTSGD_F64,
+                torch.float16: FASTSGD_F16, torch.bfloat16: FASTSGD_BF16}
+_ITEMSIZES = (4, 8, 2, 2)
+_STRIDED = torch.strided
+_Tensor = torch.Tensor
+_empty_like = torch.empty_like
+_increment_version = torch.autograd.graph.increment_version
+
+UNSUPPORTED_DTYPE = ("fastsgd.torch.SGD steps float32, float64, float16 and bfloat16 "
+                     "parameters")
+
+
+cdef int _check_param(object p, str name) except -1:
+    """The rules of a parameter: a dense contiguous CPU tensor of a kernel dtype."""
+    if not isinstance(p, _Tensor):
+        raise TypeError(f"{name}: optimizer can only optimize Tensors, but got "
+                        f"{type(p).__name__}")
+    if p.layout is not _STRIDED:
+        raise RuntimeError(f"{name}: fastsgd.torch.SGD steps dense (strided) tensors, "
+                           f"but the parameter's layout is {p.layout}")
+    if not p.is_cpu:
+        raise RuntimeError(f"{name}: fastsgd.torch.SGD steps CPU tensors, but the "
+                           f"parameter is on {p.device}; use torch.optim.SGD for it")
+    if p.dtype not in _DTYPE_CODES:
+        raise TypeError(f"{name}: {UNSUPPORTED_DTYPE}, but the parameter is {p.dtype}")
+    if not p.is_contiguous():
+        raise RuntimeError(f"{name}: fastsgd.torch.SGD steps contiguous tensors, but the "
+                           f"parameter is not contiguous (strides {p.stride()}); use "
+                           f"torch.optim.SGD for it, or a contiguous parameter")
+    return 0
+
+
+cdef int _check_like(object p, object t, str name, str what) except -1:
+    """The rules of a grad or buffer t of parameter p: a dense contiguous CPU
+    tensor of p's dtype and shape."""
+    if not isinstance(t, _Tensor):
+        raise TypeError(f"{name}: its {what} must be a Tensor, but got {type(t).__name__}")
+    if t.layout is not _STRIDED:
+        raise RuntimeError(f"{name}: its {what} is {t.layout}: fastsgd.torch.SGD steps "
+                           f"dense grads only; use torch.optim.SGD for sparse grads")
+    if not t.is_cpu:
+        raise RuntimeError(f"{name}: its {what} is on {t.device}, the parameter on {p.device}")
+    if t.dtype is not p.dtype:
+        raise TypeError(f"{name}: its {what} is {t.dtype}, the parameter {p.dtype}")
+    if t.shape != p.shape:
+        raise RuntimeError(f"{name}: its {what} has shape {tuple(t.shape)}, the parameter "
+                           f"{tuple(p.shape)}")
+    if not t.is_contiguous():
+        raise RuntimeError(f"{name}: its {what} is not contiguous (strides {t.stride()}); "
+                           f"fastsgd.torch.SGD steps contiguous tensors")
+    return 0
+
+
+cdef class _Lists:
+    """The pointer lists of one dtype of a group, as the C driver takes them."""
+    cdef Py_ssize_t count
+    cdef Py_ssize_t capacity
+    cdef void **params
+    cdef const void **grads
+    cdef void **bufs
+    cdef uint8_t *buf_is_new
+    cdef int64_t *sizes
+
+    def __dealloc__(self):
+        PyMem_Free(self.params)
+        PyMem_Free(self.grads)
+        PyMem_Free(self.bufs)
+        PyMem_Free(self.buf_is_new)
+        PyMem_Free(self.sizes)
+
+    cdef int reserve(self, Py_ssize_t n) except -1:
+        if n > self.capacity:
+            self.params = <void **>grow(self.params, n * sizeof(void *))
+            self.grads = <const void **>grow(self.grads, n * sizeof(void *))
+            self.bufs = <void **>grow(self.bufs, n * sizeof(void *))
+            self.buf_is_new = <uint8_t *>grow(self.buf_is_new, n * sizeof(uint8_t))
+            self.sizes = <int64_t *>grow(self.sizes, n * sizeof(int64_t))
+            self.capacity = n
+        self.count = 0
+        return 0
+
+    cdef fastsgd_tensor_list as_list(self, bint with_buffers) noexcept:
+        cdef fastsgd_tensor_list lst
+        lst.ntensors = self.count
+        lst.params = self.params
+        lst.grads = self.grads
+        lst.bufs = self.bufs if with_buffers else NULL
+        lst.buf_is_new = self.buf_is_new if with_buffers else NULL
+        lst.sizes = self.sizes
+        lst.masters = NULL
+        return lst
+
+
+cdef class _Group:
+    """One parameter group: its cached parameters (with their data pointer,
+    size, dtype and shape, checked) and buffers, and this step's lists."""
+    cdef object params_list  # the group's list the cache was built from
+    cdef tuple params
+    cdef list shapes
+    cdef list dtypes
+    cdef list buffers  # the buffer last checked, per parameter (or None)
+    cdef int64_t *data  # per parameter: data pointer when checked (0: not checked)
+    cdef int64_t *buffer_data  # per parameter: its buffer's data pointer when checked
+    cdef uint8_t *in_spans  # per parameter: in the stepper's spans
+    cdef int64_t *sizes
+    cdef int *codes
+    cdef Py_ssize_t capacity
+    cdef tuple lists  # a _Lists per kernel dtype
+    cdef kernels.fastsgd_sgd_hyper hyper
+    cdef bint with_momentum
+    # this step's grads (start, end, position) to check against the parameters'
+    # and buffers' memory once every group is read
+    cdef int64_t *grad_spans
+    cdef list grads  # this step's grads, which the lists point into, held until it ends
+    cdef list stepped  # the parameters this step writes
+    cdef list later_buffers  # the existing buffers it updates
+    cdef list new_buffers  # [(parameter, buffer)] it creates
+
+    def __cinit__(self):
+        self.lists = tuple(_Lists() for _ in range(FASTSGD_NDTYPES))
+
+    def __dealloc__(self):
+        PyMem_Free(self.data)
+        PyMem_Free(self.buffer_data)
+        PyMem_Free(self.in_spans)
+        PyMem_Free(self.sizes)
+        PyMem_Free(self.codes)
+        PyMem_Free(self.grad_spans)
+
+    cdef bint cache_holds(self, list params):
+        if params is not self.params_list or PyList_GET_SIZE(params) != len(self.params):
+            return False
+        cdef Py_ssize_t i
+        for i in range(PyList_GET_SIZE(params)):
+            if PyList_GET_ITEM(params, i) != PyTuple_GET_ITEM(self.params, i):
+                return False
+        return True
+
+    cdef int rebuild(self, list params) except -1:
+        cdef Py_ssize_t n = len(params)
+        self.params_list = None
+        if n > self.capacity:
+            self.data = <int64_t *>grow(self.data, n * sizeof(int64_t))
+            self.buffer_data = <int64_t *>grow(self.buffer_data, n * sizeof(int64_t))
+            self.in_spans = <uint8_t *>grow(self.in_spans, n * sizeof(uint8_t))
+            self.sizes = <int64_t *>grow(self.sizes, n * sizeof(int64_t))
+            self.codes = <int *>grow(self.codes, n * sizeof(int))
+            self.grad_spans = <int64_t *>grow(self.grad_spans, 3 * n * sizeof(int64_t))
+            self.capacity = n
+        cdef Py_ssize_t i
+        for i in range(n):
+            self.data[i] = 0
+            self.in_spans[i] = False
+        self.params = tuple(params)
+        self.shapes = [None] * n
+        self.dtypes = [None] * n
+        self.buffers = [None] * n
+        for lists in self.lists:
+            (<_Lists>lists).reserve(n)
+        self.params_list = params
+        return 0
+
+    cdef bint read_param(self, Py_ssize_t i, object p, Py_ssize_t g) except -1:
+        """Check parameter i and cache what was checked.  True: its memory
+        moved since the last check."""
+        _check_param(p, where(g, i))
+        self.codes[i] = _DTYPE_CODES[p.dtype]
+        self.dtypes[i] = p.dtype
+        self.sizes[i] = p.numel()
+        self.shapes[i] = p.shape
+        cdef int64_t data = p.data_ptr()
+        cdef bint moved = self.data[i] != data
+        self.data[i] = data
+        return moved
+
+    cdef int prepare(self, dict group, object state, Py_ssize_t g, bint *moved) except -1:
+        """Check the group's every tensor and fill its lists; sets *moved when
+        a parameter's or buffer's memory is not where it was last checked."""
+        for key in ("lr", "momentum", "dampening", "weight_decay"):
+            _check_tensor_option(group, key, g)
+        read_hyper(group, g, &self.hyper)
+        if flag_option(group, "differentiable", g):
+            raise RuntimeError(DIFFERENTIABLE)
+        if group.get("fused"):
+            raise RuntimeError(FUSED)
+        self.with_momentum = self.hyper.momentum != 0.0
+        if self.with_momentum and not PyDict_Check(state):
+            raise TypeError(f"optimizer.state must be a dict, but got {type(state).__name__}")
+        params = option(group, "params", g)
+        if type(params) is not list:
+            raise TypeError(f"param_groups[{g}]['params'] must be a list, but got "
+                            f"{type(params).__name__}")
+        if not self.cache_holds(params):
+            self.rebuild(params)
+            moved[0] = True
+        cdef Py_ssize_t i, k = 0, n = PyTuple_GET_SIZE(self.params)
+        cdef int code, d, in_use = 0, later = 0
+        cdef int64_t gdata
+        cdef _Lists lists
+        cdef PyObject *found
+        cdef bint buf_is_new
+        self.grads = []
+        self.stepped = []
+        self.later_buffers = []
+        self.new_buffers = []
+        for lists in self.lists:
+            lists.count = 0
+        for i in range(n):
+            p = <object>PyTuple_GET_ITEM(self.params, i)
+            grad = p.grad
+            if grad is None:
+                continue
+            if self.data[i] == 0 or p.data_ptr() != self.data[i]:
+                moved[0] |= self.read_param(i, p, g)
+            moved[0] |= not self.in_spans[i]
+            try:
+                # a sparse grad raises in is_contiguous(), a grad off the CPU
+                # (its device is checked when assigned) has no data pointer
+                ok = (<PyObject *>grad.dtype == PyList_GET_ITEM(self.dtypes, i)
+                      and grad.is_contiguous() and grad.shape == self.shapes[i])
+                gdata = grad.data_ptr() if ok else 0
+            except RuntimeError:
+                ok = False
+            if not ok or gdata == 0:
+                # the parameter may have changed in place
+                moved[0] |= self.read_param(i, p, g)
+                _check_like(p, grad, where(g, i), "grad")
+                gdata = grad.data_ptr()
+            code = self.codes[i]
+            self.grad_spans[3 * k] = gdata
+            self.grad_spans[3 * k + 1] = gdata + self.sizes[i] * _ITEMSIZES[code]
+            self.grad_spans[3 * k + 2] = i
+            k += 1
+            lists = <_Lists>PyTuple_GET_ITEM(self.lists, code)
+            buf_is_new = False
+            if self.with_momentum:
+                buf = None
+                found = PyDict_GetItem(state, p)
+                if found != NULL:
+                    param_state = <object>found
+                    if not PyDict_Check(param_state):
+                        raise TypeError(f"{where(g, i)}: optimizer.state of the parameter "
+                                        f"must be a dict, but got {type(param_state).__name__}")
+                    found = PyDict_GetItem(param_state, "momentum_buffer")
+                    if found != NULL:
+                        buf = <object>found
+                if buf is None:
+                    # torch: buf = grad.detach().clone(); the kernel fills it
+                    buf = _empty_like(grad, requires_grad=False)
+                    buf_is_new = True
+                    self.new_buffers.append((p, buf))
+                    lists.bufs[lists.count] = <void *><int64_t>buf.data_ptr()
+                else:
+                    if <PyObject *>buf != PyList_GET_ITEM(self.buffers, i):
+                        _check_like(p, buf, where(g, i), "momentum buffer")
+                        self.buffers[i] = buf
+                        self.buffer_data[i] = buf.data_ptr()
+                        moved[0] = True
+                    self.later_buffers.append(buf)
+                    later |= 1 << code
+                    lists.bufs[lists.count] = <void *>self.buffer_data[i]
+            lists.params[lists.count] = <void *>self.data[i]
+            lists.grads[lists.count] = <const void *>gdata
+            lists.buf_is_new[lists.count] = buf_is_new
+            lists.sizes[lists.count] = self.sizes[i]
+            lists.count += 1
+            in_use |= 1 << code
+            self.grads.append(grad)
+            self.stepped.append(p)
+        for d in (FASTSGD_F32, FASTSGD_F16, FASTSGD_BF16):  # float64 takes any double
+            if in_use & (1 << d):
+                check_step_alphas(&self.hyper, d, self.with_momentum, (later >> d) & 1, g)
+        return 0
+
+    cdef void run(self) noexcept:
+        cdef const fastsgd_impl *impl = kernels.kernel()
+        cdef fastsgd_tensor_list lst[FASTSGD_NDTYPES]
+        cdef int d
+        for d in range(FASTSGD_NDTYPES):
+            lst[d] = (<_Lists>PyTuple_GET_ITEM(self.lists, d)).as_list(self.with_momentum)
+        with nogil:
+            for d in range(FASTSGD_NDTYPES):
+                if lst[d].ntensors:
+                    kernels.sgd(impl, d, &self.hyper, &lst[d], False)
+
+    cdef int commit(self, object state) except -1:
+        """Store the new buffers and bump the parameters' version counters,
+        as torch's in-place add_ does."""
+        for p, buf in self.new_buffers:
+            state[p]["momentum_buffer"] = buf  # makes state[p], as torch's step does
+        if self.stepped:
+            # the parameters', which autograd checks when a graph saved them
+            # (buffers, which no graph holds, are left: bumping them would
+            # cost as much again)
+            _increment_version(self.stepped)
+        self.grads = self.stepped = self.later_buffers = self.new_buffers = None
+        return 0
+
+
+DIFFERENTIABLE = ("fastsgd.torch.SGD does not support differentiable=True: use "
+                  "torch.optim.SGD to differentiate through the step")
+FUSED = ("fastsgd.torch.SGD runs fastsgd's kernel: fused=True asks for torch's fused "
+         "kernel, which torch.optim.SGD(fused=True) runs")
+
+
+cdef int _check_tensor_option(dict group, str key, Py_ssize_t g) except -1:
+    """torch's rules for an option given as a tensor; its value is then read
+    as any other number's (float() of a 1-element tensor)."""
+    value = option(group, key, g)
+    if isinstance(value, _Tensor):
+        if value.requires_grad:
+            raise RuntimeError(f"param_groups[{g}]['{key}'] is a tensor that requires grad: "
+                               f"{DIFFERENTIABLE}")
+        if value.numel() != 1:
+            raise ValueError(f"param_groups[{g}]['{key}'] must be a 1-element tensor")
+    return 0
+
+
+def _overlap(spans):
+    """The first two of spans [(start, end, name)] sharing a byte, or None."""
+    spans = sorted(s for s in spans if s[1] > s[0])
+    cdef Py_ssize_t k
+    for k in range(1, len(spans)):
+        if spans[k][0] < spans[k - 1][1]:
+            return spans[k - 1][2], spans[k][2]
+    return None
+
+
+cdef class TensorStepper:
+    """Steps the param_groups of a fastsgd.torch.SGD: every group checked
+    and staged before any memory is written.  Steps from several threads
+    take turns."""
+    cdef object lock
+    cdef object holder  # the thread that holds the lock, else None
+    cdef list groups
+    # the parameters' and buffers' memory, sorted: (start, end) pairs
+    cdef int64_t *spans
+    cdef Py_ssize_t nspans
+    cdef bint spans_valid  # the spans are the memory of the last step
+
+    def __cinit__(self):
+        self.groups = []
+        self.lock = threading.Lock()
+
+    def __dealloc__(self):
+        PyMem_Free(self.spans)
+
+    def step(self, list param_groups, object state):
+        """One step of every group (state: the optimizer's)."""
+        if not self.lock.acquire(False):
+            # Python code a step runs (a grad's property, a hash) stepping the
+            # same optimizer would wait for itself
+            if self.holder == threading.get_ident():
+                raise RuntimeError("step() called during a step of the same optimizer")
+            self.lock.acquire()
+        self.holder = threading.get_ident()
+        try:
+            self.step_locked(param_groups, state)
+        finally:
+            self.holder = None
+            self.lock.release()
+
+    cdef int step_locked(self, list param_groups, object state) except -1:
+        cdef Py_ssize_t g, n = len(param_groups)
+        cdef bint moved = not self.spans_valid or n != len(self.groups)
+        while len(self.groups) < n:
+            self.groups.append(_Group())
+        del self.groups[n:]
+        cdef _Group group
+        # a refused step leaves the spans unchecked: the next one checks them
+        self.spans_valid = False
+        for g in range(n):
+            group_dict = param_groups[g]
+            if not PyDict_Check(group_dict):
+                raise TypeError(f"param_groups[{g}] must be a dict, but got "
+                                f"{type(group_dict).__name__}")
+            (<_Group>self.groups[g]).prepare(group_dict, state, g, &moved)
+        if moved:
+            self.check_memory()
+        self.check_grads()
+        self.spans_valid = True
+        for group in self.groups:
+            group.run()
+        for group in self.groups:
+            group.commit(state)
+        return 0
+
+    cdef int check_memory(self) except -1:
+        """Refuse a parameter listed twice and parameters or buffers sharing
+        memory; remember their memory for check_grads."""
+        self.nspans = 0
+        seen = {}
+        spans = []
+        cdef _Group group
+        cdef Py_ssize_t g, i
+        for g, group in enumerate(self.groups):
+            for i, p in enumerate(group.params):
+                if id(p) in seen:
+                    raise ValueError(f"{where(g, i)} is {seen[id(p)]} again: "
+                                     f"fastsgd.torch.SGD steps each parameter once per step")
+                seen[id(p)] = where(g, i)
+                group.in_spans[i] = False
+            # the memory this step writes (read this step: see prepare)
+            for k in range(len(group.grads)):
+                i = group.grad_spans[3 * k + 2]
+                group.in_spans[i] = True
+                nbytes = group.sizes[i] * _ITEMSIZES[group.codes[i]]
+                spans.append((group.data[i], group.data[i] + nbytes, where(g, i)))
+                if group.with_momentum and group.buffers[i] is not None:
+                    spans.append((group.buffer_data[i], group.buffer_data[i] + nbytes,
+                                  f"the momentum buffer of {where(g, i)}"))
+        found = _overlap(spans)
+        if found is not None:
+            raise RuntimeError(f"{found[0]} and {found[1]} share memory: fastsgd.torch.SGD "
+                               f"steps tensors that share no memory")
+        spans = sorted((s, e) for s, e, _ in spans if e > s)
+        self.spans = <int64_t *>grow(self.spans, (2 * len(spans) + 2) * sizeof(int64_t))
+        for i, (s, e) in enumerate(spans):
+            self.spans[2 * i] = s
+            self.spans[2 * i + 1] = e
+        self.nspans = len(spans)
+        return 0
+
+    cdef int check_grads(self) except -1:
+        """Refuse a grad sharing memory with a parameter or buffer: the kernel
+        would read it while another tensor's update writes it."""
+        cdef _Group group
+        cdef Py_ssize_t g, k, lo, hi, mid
+        cdef int64_t start, end
+        for g, group in enumerate(self.groups):
+            for k in range(len(group.grads)):
+                start = group.grad_spans[3 * k]
+                end = group.grad_spans[3 * k + 1]
+                if end <= start:
+                    continue
+                # the first span ending after start
+                lo, hi = 0, self.nspans
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if self.spans[2 * mid + 1] <= start:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                if lo < self.nspans and self.spans[2 * lo] < end:
+                    # the spans may be stale (a parameter without grad moved): read afresh
+                    if any(s < end and start < e for s, e in self.spans_now()):
+                        raise RuntimeError(
+                            f"{where(g, group.grad_spans[3 * k + 2])}: its grad shares "
+                            f"memory with a parameter or momentum buffer: fastsgd.torch.SGD "
+                            f"steps tensors that share no memory")
+        return 0
+
+    cdef list spans_now(self):
+        """The memory this step writes, read afresh: (start, end) pairs."""
+        spans = []
+        cdef _Group group
+        for group in self.groups:
+            for t in group.stepped + group.later_buffers:
+                start = t.data_ptr()
+                spans.append((start, start + t.nbytes))
+        return spans

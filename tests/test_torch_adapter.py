@@ -1,0 +1,360 @@
+"""fastsgd.torch.SGD against torch.optim.SGD(foreach=False): the same bits on real torch.nn
+models, torch's machinery (schedulers, GradScaler, hooks, state_dict), and its refusals."""
+import copy
+import itertools
+import subprocess
+import sys
+import threading
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import fastsgd  # noqa: E402
+import fastsgd.torch  # noqa: E402
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+OPTIONS = [
+    {"lr": 0.1},
+    {"lr": 0.05, "momentum": 0.9},
+    {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2},
+    {"lr": 0.03, "momentum": 0.5, "dampening": 0.3, "weight_decay": 0.1, "maximize": True},
+    {"lr": 0.02, "weight_decay": 0.05, "maximize": True},
+]
+
+
+def make_model(dtype, seed=0):
+    torch.manual_seed(seed)
+    # 37 features: 16-bit tensors with both torch's vector body and scalar remainder
+    return torch.nn.Sequential(torch.nn.Linear(40, 37), torch.nn.Tanh(),
+                               torch.nn.Linear(37, 3)).to(dtype)
+
+
+def twins(dtype, options, groups=False):
+    """The same model twice, one under torch.optim.SGD(foreach=False), one under
+    fastsgd.torch.SGD."""
+    pairs = []
+    for cls, extra in ((torch.optim.SGD, {"foreach": False}), (fastsgd.torch.SGD, {})):
+        model = make_model(dtype)
+        params = ([{"params": model[0].parameters()},
+                   {"params": model[2].parameters(), "lr": 0.01, "momentum": 0.0}]
+                  if groups else model.parameters())
+        pairs.append((model, cls(params, **options, **extra)))
+    return pairs
+
+
+def train_step(model, opt, x, skip=()):
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    for name, p in model.named_parameters():
+        if name in skip:
+            p.grad = None  # a grad missing on this step
+    opt.step()
+
+
+def assert_same(a, b):
+    (model_a, opt_a), (model_b, opt_b) = a, b
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(p, q)
+        assert p._version == q._version
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        assert opt_a.state[p].keys() == opt_b.state[q].keys()
+        if "momentum_buffer" in opt_a.state[p]:
+            buf_a, buf_b = opt_a.state[p]["momentum_buffer"], opt_b.state[q]["momentum_buffer"]
+            assert torch.equal(buf_a, buf_b)
+            assert buf_b.dtype == buf_a.dtype and buf_b.stride() == buf_a.stride()
+            assert not buf_b.requires_grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+def test_same_bits_as_torch(dtype, options):
+    pairs = twins(dtype, options)
+    x = torch.randn(16, 40, generator=torch.Generator().manual_seed(1)).to(dtype)
+    for step in range(5):
+        skip = ("0.bias",) if step == 2 else ("2.weight",) if step == 3 else ()
+        for model, opt in pairs:
+            train_step(model, opt, x, skip)
+        assert_same(*pairs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_param_groups(dtype):
+    pairs = twins(dtype, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}, groups=True)
+    x = torch.randn(8, 40).to(dtype)
+    for _ in range(4):
+        for model, opt in pairs:
+            train_step(model, opt, x)
+        assert_same(*pairs)
+
+
+def test_tensor_hyperparameters():
+    options = {"lr": torch.tensor(0.05), "momentum": 0.9, "weight_decay": torch.tensor(1e-2)}
+    pairs = twins(torch.float32, options)
+    x = torch.randn(8, 40)
+    for _ in range(3):
+        for model, opt in pairs:
+            train_step(model, opt, x)
+        assert_same(*pairs)
+
+
+@pytest.mark.parametrize("make_scheduler", [
+    lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+    lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=10),
+    lambda opt: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=3),
+], ids=["StepLR", "OneCycleLR", "CosineAnnealingWarmRestarts"])
+def test_schedulers(make_scheduler):
+    pairs = twins(torch.float32, {"lr": 0.1, "momentum": 0.9})
+    schedulers = [make_scheduler(opt) for _, opt in pairs]
+    x = torch.randn(8, 40)
+    for _ in range(8):
+        for (model, opt), scheduler in zip(pairs, schedulers):
+            train_step(model, opt, x)
+            scheduler.step()
+        assert_same(*pairs)
+        assert pairs[0][1].param_groups[0]["lr"] == pairs[1][1].param_groups[0]["lr"]
+
+
+def test_grad_scaler_on_cpu():
+    pairs = twins(torch.float32, {"lr": 0.1, "momentum": 0.9})
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2)
+               for _ in pairs]
+    x = torch.randn(8, 40)
+    for step in range(6):
+        for (model, opt), scaler in zip(pairs, scalers):
+            opt.zero_grad()
+            loss = model(x).square().mean()
+            if step == 3:
+                loss = loss * float("inf")  # an overflow: the step is skipped
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        assert_same(*pairs)
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+
+
+def test_hooks_and_closure():
+    model = make_model(torch.float32)
+    opt = fastsgd.torch.SGD(model.parameters(), lr=0.1)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o)))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o)))
+    x = torch.randn(4, 40)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        calls.append(("closure", torch.is_grad_enabled()))
+        return loss
+
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = opt.step(closure)
+    assert calls == [("pre", opt), ("closure", True), ("post", opt)]
+    assert loss is not None and loss.requires_grad
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("direction", ["torch to fastsgd", "fastsgd to torch"])
+def test_state_dict_swap_mid_run(direction):
+    options = {"lr": 0.05, "momentum": 0.9, "nesterov": True}
+    x = torch.randn(8, 40)
+    reference_model = make_model(torch.float32)
+    reference = torch.optim.SGD(reference_model.parameters(), foreach=False, **options)
+    first, second = ((torch.optim.SGD, fastsgd.torch.SGD) if direction == "torch to fastsgd"
+                     else (fastsgd.torch.SGD, torch.optim.SGD))
+    model = make_model(torch.float32)
+    opt = first(model.parameters(), **options)
+    for _ in range(3):
+        train_step(reference_model, reference, x)
+        train_step(model, opt, x)
+    saved = copy.deepcopy(opt.state_dict())
+    opt = second(model.parameters(), **options)
+    opt.load_state_dict(saved)
+    for _ in range(3):
+        train_step(reference_model, reference, x)
+        train_step(model, opt, x)
+        assert_same((reference_model, reference), (model, opt))
+    assert opt.state_dict()["state"].keys() == reference.state_dict()["state"].keys()
+
+
+def test_is_torch_sgd_and_copies():
+    model = make_model(torch.float32)
+    opt = fastsgd.torch.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    assert isinstance(opt, torch.optim.SGD)
+    train_step(model, opt, torch.randn(4, 40))
+    clone = copy.deepcopy(opt)
+    clone.step()  # a copy has its own stepper
+
+
+def test_version_counter_catches_a_saved_parameter():
+    """A parameter saved for backward and then stepped fails backward as with torch."""
+    errors = []
+    for cls in (torch.optim.SGD, fastsgd.torch.SGD):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = cls([p], lr=0.1)
+        p.grad = torch.ones(3)
+        loss = (p * p).sum()  # saves p
+        opt.step()
+        with pytest.raises(RuntimeError) as info:
+            loss.backward()
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]
+    assert "modified by an inplace operation" in errors[1]
+
+
+def test_core_does_not_import_torch():
+    code = "import fastsgd, sys; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def state_of(opt):
+    return [t.detach().clone() for group in opt.param_groups for t in group["params"]] + [
+        s["momentum_buffer"].clone() for s in opt.state.values() if "momentum_buffer" in s]
+
+
+def refused(opt, error, match):
+    """opt.step() raises error (matching match) and writes nothing."""
+    before = state_of(opt)
+    with pytest.raises(error, match=match):
+        opt.step()
+    after = state_of(opt)
+    assert len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def stepped_pair(n=3):
+    params = [torch.nn.Parameter(torch.randn(4, 5)) for _ in range(n)]
+    opt = fastsgd.torch.SGD(params, lr=0.1, momentum=0.9)
+    for p in params:
+        p.grad = torch.randn(4, 5)
+    opt.step()  # buffers exist: a refusal must leave them too
+    for p in params:
+        p.grad = torch.randn(4, 5)
+    return params, opt
+
+
+def test_refuses_differentiable_and_fused():
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(RuntimeError, match="differentiable=True"):
+        fastsgd.torch.SGD([p], differentiable=True)
+    with pytest.raises(RuntimeError, match="fused=True"):
+        fastsgd.torch.SGD([p], fused=True)
+    opt = fastsgd.torch.SGD([p], lr=torch.tensor(0.1, requires_grad=True))
+    p.grad = torch.ones(2)
+    refused(opt, RuntimeError, "requires grad")
+
+
+def test_refuses_non_contiguous_parameter_by_name():
+    params, opt = stepped_pair()
+    strided = torch.nn.Parameter(torch.randn(5, 4).t())
+    strided.grad = torch.randn(4, 5)
+    opt.add_param_group({"params": [strided]})
+    refused(opt, RuntimeError, r"param_groups\[1\]\['params'\]\[0\].*not contiguous")
+
+
+def test_refuses_sparse_and_non_contiguous_grads():
+    params, opt = stepped_pair()
+    params[2].grad = torch.randn(5, 4).t()
+    refused(opt, RuntimeError, r"\['params'\]\[2\]: its grad is not contiguous")
+    params[2].grad = torch.randn(4, 5).to_sparse()
+    refused(opt, RuntimeError, r"\['params'\]\[2\]: its grad is torch.sparse_coo")
+
+
+def test_refuses_grads_that_no_longer_match():
+    params, opt = stepped_pair()
+    params[1].grad.resize_(20)
+    refused(opt, RuntimeError, r"\['params'\]\[1\]: its grad has shape \(20,\)")
+    params[1].grad = torch.randn(4, 5)
+    params[0].data = params[0].data.double()  # the grad stays float32
+    refused(opt, TypeError, r"\['params'\]\[0\]: its grad is torch.float32")
+
+
+def test_refuses_a_parameter_twice_and_shared_memory():
+    params, opt = stepped_pair()
+    opt.param_groups[0]["params"].append(params[0])
+    refused(opt, ValueError, r"\['params'\]\[3\] is param_groups\[0\]\['params'\]\[0\] again")
+    opt.param_groups[0]["params"].pop()
+    base = torch.randn(30)
+    a, b = torch.nn.Parameter(base[:20].view(4, 5)), torch.nn.Parameter(base[10:].view(4, 5))
+    a.grad, b.grad = torch.randn(4, 5), torch.randn(4, 5)
+    opt.add_param_group({"params": [a, b]})
+    refused(opt, RuntimeError, "share memory")
+    opt.param_groups.pop()
+    params[2].grad = params[0].detach()  # a grad that is another parameter
+    refused(opt, RuntimeError, r"\['params'\]\[2\]: its grad shares memory")
+
+
+def test_refuses_unsupported_dtypes_and_devices():
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.complex64))
+    p.grad = torch.ones(3, dtype=torch.complex64)
+    refused(fastsgd.torch.SGD([p], lr=0.1), TypeError, "complex64")
+    m = torch.nn.Parameter(torch.ones(3, device="meta"))
+    m.grad = torch.ones(3, device="meta")
+    with pytest.raises(RuntimeError, match="CPU tensors"):
+        fastsgd.torch.SGD([m], lr=0.1).step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_alpha_overflow_as_torch(dtype):
+    errors = []
+    for cls, extra in ((torch.optim.SGD, {"foreach": False}), (fastsgd.torch.SGD, {})):
+        p = torch.nn.Parameter(torch.ones(4, dtype=dtype))
+        p.grad = torch.ones(4, dtype=dtype)
+        with pytest.raises(RuntimeError) as info:
+            cls([p], lr=1e40 if dtype == torch.bfloat16 else 1e5, **extra).step()
+        errors.append(str(info.value))
+    assert "without overflow" in errors[0] and "without overflow" in errors[1]
+
+
+def test_every_combination_of_flags():
+    """momentum x nesterov x weight_decay x maximize x dampening, three steps each."""
+    x = torch.randn(6, 40)
+    for momentum, nesterov, weight_decay, maximize, dampening in itertools.product(
+            (0.0, 0.9), (False, True), (0.0, 0.01), (False, True), (0.0, 0.2)):
+        if nesterov and (momentum == 0 or dampening != 0):
+            continue
+        options = dict(lr=0.05, momentum=momentum, nesterov=nesterov,
+                       weight_decay=weight_decay, maximize=maximize, dampening=dampening)
+        pairs = twins(torch.float32, options)
+        for _ in range(3):
+            for model, opt in pairs:
+                train_step(model, opt, x)
+        assert_same(*pairs)
+
+
+def test_steps_from_two_threads_take_turns():
+    params = [torch.nn.Parameter(torch.randn(1000)) for _ in range(8)]
+    twins_ = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(params, twins_):
+        p.grad = torch.randn(1000)
+        q.grad = p.grad.clone()
+    opt = fastsgd.torch.SGD(params, lr=0.01, momentum=0.9)
+    reference = torch.optim.SGD(twins_, lr=0.01, momentum=0.9, foreach=False)
+    workers = [threading.Thread(target=lambda: [opt.step() for _ in range(50)])
+               for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    for _ in range(100):
+        reference.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, twins_))
+
+
+def test_a_step_run_during_a_step_of_the_same_optimizer_raises():
+    stepping = []
+
+    class Reentrant(torch.nn.Parameter):
+        def __hash__(self):
+            if stepping:
+                opt.step()  # the state lookup of a step runs this
+            return id(self)
+
+    p = Reentrant(torch.ones(3))
+    p.grad = torch.ones(3)
+    opt = fastsgd.torch.SGD([p], lr=0.1, momentum=0.9)
+    stepping.append(True)
+    with pytest.raises(RuntimeError, match="during a step of the same optimizer"):
+        opt.step()
