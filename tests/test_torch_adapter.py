@@ -9,6 +9,8 @@ import threading
 import pytest
 
 torch = pytest.importorskip("torch")
+from test_optimizer import WRONG_OPTIONS  # noqa: E402
+
 import fastsgd  # noqa: E402
 import fastsgd.torch  # noqa: E402
 
@@ -358,3 +360,34 @@ def test_a_step_run_during_a_step_of_the_same_optimizer_raises():
     stepping.append(True)
     with pytest.raises(RuntimeError, match="during a step of the same optimizer"):
         opt.step()
+
+
+@pytest.mark.filterwarnings("ignore::numpy.exceptions.ComplexWarning")  # torch's too
+@pytest.mark.parametrize("key, value", WRONG_OPTIONS, ids=lambda x: repr(x)[:24])
+def test_wrong_typed_options_raise_the_types_torch_raises_before_any_write(key, value):
+    """The adapter reads a group's options with the numpy path's rules: the
+    exception torch raises for a wrong-typed option set after construction,
+    with every parameter and buffer left as it was (or torch's step)."""
+    outcomes = []
+    for cls in (fastsgd.torch.SGD, torch.optim.SGD):
+        params = [torch.nn.Parameter(torch.linspace(-1, 1, 7)) for _ in range(2)]
+        opt = cls(params, lr=0.1, momentum=0.5, foreach=False)
+        for p in params:
+            p.grad = torch.ones(7)
+        opt.step()
+        opt.param_groups[0][key] = value
+        before = [t.detach().clone() for p in params
+                  for t in (p, opt.state[p]["momentum_buffer"])]
+        try:
+            with torch.no_grad():
+                opt.step()
+            outcomes.append(("stepped", [p.detach().clone() for p in params]))
+        except Exception as error:  # noqa: BLE001 - the type is what is compared
+            outcomes.append((type(error), None))
+            if cls is fastsgd.torch.SGD:
+                after = [t for p in params for t in (p, opt.state[p]["momentum_buffer"])]
+                assert all(torch.equal(a, b) for a, b in zip(after, before))
+    (fast, fast_values), (torch_, torch_values) = outcomes
+    assert fast == torch_
+    if fast == "stepped":
+        assert all(torch.equal(f, t) for f, t in zip(fast_values, torch_values))
