@@ -1,9 +1,12 @@
 """Runs every path of the native step (each kernel the CPU and valgrind run, all
 four dtypes, first and later steps, missing grads, rejections, looked-up buffers,
 the functional API, the rooflines, gradient clipping, weight averaging, master weights with and
-without GradScaler, its unscale, and a group staged on two threads) for the
+without GradScaler, its unscale, strided tensors stepped through their copies, and a group
+staged on two threads) for the
 memory checkers in tests/test_memory_checkers.py.  The grads a step must reject
 are written to the raw _grad slot: p.grad = g refuses them before any step."""
+import warnings
+
 import ml_dtypes
 import numpy as np
 
@@ -89,6 +92,35 @@ for cap in fastsgd.available_capabilities():
             p.grad = np.ones_like(p, subok=False)
         _native.Roofline(halves, [p.grad for p in halves],
                          [np.zeros_like(m) for m in masters], masters=masters)()
+# Strided params, grads and buffers, stepped through cached contiguous copies:
+# first and later steps, a loaded strided buffer, the element-wise clipping and
+# unscale of strided grads, and the refusals (self-overlap, shared memory).
+for dtype in (np.float32, np.float64):
+    base = rng.standard_normal((6, 10, 2)).astype(dtype)
+    strided = [fastsgd.Parameter(base[..., 0]), fastsgd.Parameter(base[::2, ::-3, 1]),
+               fastsgd.Parameter(rng.standard_normal((7, 5)).astype(dtype).T),
+               fastsgd.Parameter(np.zeros((0, 4), dtype)[:, ::2])]
+    opt = fastsgd.SGD(strided, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)
+    for step in range(3):
+        for p in strided:
+            p.grad = np.ones(p.shape[::-1], dtype).T if step == 1 else np.ones_like(p, subok=False)
+        opt.step()
+    opt.state[strided[2]] = {"momentum_buffer": np.zeros((5, 7), dtype)}  # C order, param F
+    opt.step()
+    fastsgd.clip_grad_value_(strided, 0.5)
+    scaler = fastsgd.amp.GradScaler()
+    scaler.scale(np.float32(1))
+    scaler.unscale_(fastsgd.SGD(strided, lr=0.1))
+    overlapping = fastsgd.Parameter(np.lib.stride_tricks.as_strided(
+        np.zeros(4, dtype), shape=(3, 2), strides=(np.dtype(dtype).itemsize,) * 2))
+    overlapping.grad = np.ones((3, 2), dtype)
+    for bad in ([overlapping], [strided[0], strided[0]]):
+        try:
+            with warnings.catch_warnings():  # torch's warning of a duplicate parameter
+                warnings.simplefilter("ignore", UserWarning)
+                fastsgd.SGD(bad, lr=0.1).step()
+        except ValueError:
+            pass
 # A group staged on 2 threads: steady-state steps, a missing grad, a rejection
 # found by either thread, and a plain-dict state sending it back to one thread.
 fastsgd.set_num_threads(2)
