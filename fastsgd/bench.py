@@ -10,8 +10,11 @@ GradScaler("cpu") and fused SGD, then a copy back to the 16-bit params
 (torch's fused SGD does not write 16-bit params in torch 2.13, and is left
 out there).  The torch workloads (T1, T2) time fastsgd.torch.SGD on torch
 tensors as "fastsgd", beside fastsgd.SGD on numpy arrays of the same shapes
-and torch's three SGDs; T2 gives every torch peer new grad tensors before
-each sample (untimed), as a backward pass after zero_grad() does.  Every peer
+and torch's three SGDs, and the torch API floor: per tensor only the reads
+through torch's public Python API that any such adapter makes each step
+(the grad and its data pointer) and the version bump, stepping nothing.  T2
+gives every torch peer new grad tensors before each sample (untimed), as a
+backward pass after zero_grad() does.  Every peer
 starts from the same
 values and grads; times are medians of individually timed steps (batched for
 steps shorter than a millisecond).  Every sample starts from a state that does
@@ -34,6 +37,7 @@ import time
 import tracemalloc
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Callable
 
 import numpy as np
 
@@ -242,22 +246,29 @@ def _torch_step(mode):
         half = _dtype(workload.dtype).itemsize == 2
         if workload.master_weights or (half and mode == "fused"):
             return None  # torch 2.13's fused SGD does not write 16-bit params
+        if mode == "floor" and not workload.torch:
+            return None  # the floor bounds fastsgd.torch.SGD, which the torch workloads time
         torch.set_num_threads(threads)
         params = [torch.nn.Parameter(_to_torch(torch, v)) for v in model.values]
         grads = [_to_torch(torch, g) for g in model.grads]
         for p, g in zip(params, grads):
             p.grad = g
         opt: torch.optim.Optimizer
-        if mode == "fastsgd.torch":
-            from fastsgd.torch import SGD as TorchAdapterSGD
-            fastsgd.set_num_threads(threads)
-            opt = TorchAdapterSGD(params, **workload.options)
+        step: Callable[[], object]
+        if mode == "floor":
+            step = _native.TorchApiFloor(params, torch.autograd.graph.increment_version)
         else:
-            implementation = {mode: True} if mode else {"foreach": False}
-            opt = torch.optim.SGD(params, **workload.options, **implementation)
-        opt.step()
+            if mode == "fastsgd.torch":
+                from fastsgd.torch import SGD as TorchAdapterSGD
+                fastsgd.set_num_threads(threads)
+                opt = TorchAdapterSGD(params, **workload.options)
+            else:
+                implementation = {mode: True} if mode else {"foreach": False}
+                opt = torch.optim.SGD(params, **workload.options, **implementation)
+            step = opt.step
+        step()
         if not workload.new_grads:
-            return opt.step
+            return step
         # two sets of the same values, taken in turns: each sample's grads
         # are new tensors, its work the same
         sets = [grads, [g.clone() for g in grads]]
@@ -266,7 +277,7 @@ def _torch_step(mode):
             sets.reverse()
             for p, g in zip(params, sets[0]):
                 p.grad = g
-        return _WithNewGrads(opt.step, new_grads)
+        return _WithNewGrads(step, new_grads)
     return setup
 
 
@@ -321,6 +332,7 @@ PEERS = {
     "fastsgd f32": _fastsgd_float32_step,
     "torch chain": _torch_chain_step,
     "fastsgd on numpy": _fastsgd_numpy_step,
+    "torch API floor": _torch_step("floor"),
 }
 
 
@@ -437,13 +449,13 @@ def measure_together(steps, budget_s, min_rounds=15, max_rounds=200, before_samp
 
 
 # Peers of the 16-bit and torch workloads only: the table has their columns only then.
-_HALF_PEERS = ("fastsgd f32", "torch chain", "fastsgd on numpy")
+_HALF_PEERS = ("fastsgd f32", "torch chain", "fastsgd on numpy", "torch API floor")
 # Takes seconds per step on the large workloads: a few samples, on its own.
 _SLOW_PEERS = ("reference",)
 # The peers of the targets' ratios (and both thread counts of each): sampled
 # back to back in each round, apart from torch's slower for-loop and foreach.
 _BACK_TO_BACK_PEERS = ("fastsgd", "roofline", "roofline reading objects", "torch fused",
-                       "fastsgd f32", "torch chain", "fastsgd on numpy")
+                       "fastsgd f32", "torch chain", "fastsgd on numpy", "torch API floor")
 # Rounds of those peers alone after the rounds of all: back to back, their
 # per-round ratios still scatter widely on this VM (fastsgd vs the roofline
 # on W3 at 1 thread from 0.34 to 2.12 within one run's 15 rounds, whose

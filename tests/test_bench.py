@@ -268,7 +268,8 @@ def test_the_torch_workloads_peers_run_and_get_new_grads_before_each_sample():
     steps = {peer: bench.PEERS[peer](workload, 1, bench.Model(*bench._model(workload)))
              for peer in bench.PEERS}
     assert {p for p, step in steps.items() if step is not None} == {
-        "fastsgd", "fastsgd on numpy", "torch for-loop", "torch foreach", "torch fused"}
+        "fastsgd", "fastsgd on numpy", "torch for-loop", "torch foreach", "torch fused",
+        "torch API floor"}
     fast = steps["fastsgd"]
     assert isinstance(fast.step.__self__, fastsgd.torch.SGD)
     params = fast.step.__self__.param_groups[0]["params"]
@@ -276,3 +277,16 @@ def test_the_torch_workloads_peers_run_and_get_new_grads_before_each_sample():
     fast.before_sample()
     assert all(p.grad is not g and torch.equal(p.grad, g) for p, g in zip(params, before))
     fast()
+
+
+def test_the_torch_api_floor_reads_the_grads_and_bumps_versions_without_stepping():
+    torch = pytest.importorskip("torch")
+    from fastsgd import _native
+
+    params = [torch.nn.Parameter(torch.randn(5)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn(5)
+    before = [(p.detach().clone(), p._version) for p in params]
+    _native.TorchApiFloor(params, torch.autograd.graph.increment_version)()
+    assert all(torch.equal(p, value) and p._version == version + 1
+               for p, (value, version) in zip(params, before))

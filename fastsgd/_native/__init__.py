@@ -20,13 +20,14 @@ from .kernels import (
     set_num_threads,
 )
 from .plan import NO_AUTOGRAD, parallel_staging_count
-from .roofline import Roofline
+from .roofline import Roofline, TorchApiFloor
 from .stepper import SGDStepper, sgd
 
 __all__ = [
     "NO_AUTOGRAD",
     "Roofline",
     "SGDStepper",
+    "TorchApiFloor",
     "available_capabilities",
     "clamp_grads",
     "cpu_capability",

@@ -127,3 +127,22 @@ cdef void _read_objects(void *job_, int64_t begin, int64_t end) noexcept nogil:
         if buf != NULL:
             size = min(size, size_of(<array_ptr>buf))
         put_entry(job, i, param, grad, buf, size)
+
+
+cdef class TorchApiFloor:
+    """The least a step of torch tensors costs through torch's public Python
+    API, stepping nothing: per parameter, its grad and the grad's data pointer
+    read, then every parameter's version counter bumped in one call (bump:
+    torch.autograd.graph.increment_version), as torch's in-place ops would.
+    Any adapter reading tensors through that API does at least this each step."""
+    cdef list params
+    cdef object bump
+
+    def __init__(self, params, bump):
+        self.params = list(params)
+        self.bump = bump
+
+    def __call__(self):
+        for p in self.params:
+            p.grad.data_ptr()
+        self.bump(self.params)
