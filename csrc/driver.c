@@ -131,7 +131,7 @@ static void run_span(const fastsgd_impl *impl, int dtype, run_job *job,
                 const int64_t body_end = list->sizes[t] - list->sizes[t] % FASTSGD_HALF_CHUNK;
                 n_body = body_end <= lo ? 0 : body_end >= hi ? hi - lo : body_end - lo;
             }
-            impl->sgd[dtype](job->h, p, g, b, hi - lo, flags, n_body);
+            impl->sgd[dtype](job->h, p, g, b, hi - lo, flags, n_body, NULL);
             continue;
         }
         char *master = list->masters ? (char *)list->masters[t] + (size_t)lo * bs : NULL;
@@ -205,6 +205,13 @@ void fastsgd_sgd(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h
 {
     run_job job = {RUN_SGD, h, 1.0f, 0};
     run(impl, dtype, &job, list, serial);
+}
+
+void fastsgd_sgd_strided(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
+                         void *p, const void *g, void *b, int64_t n, int first,
+                         const uint8_t *modes)
+{
+    impl->sgd[dtype](h, p, g, b, n, first, n, modes);
 }
 
 void fastsgd_stream(const fastsgd_impl *impl, int dtype, const fastsgd_tensor_list *list,

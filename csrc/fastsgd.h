@@ -37,6 +37,18 @@ enum { FASTSGD_F32 = 0, FASTSGD_F64 = 1, FASTSGD_F16 = 2, FASTSGD_BF16 = 3 };
  * differently (measured on torch 2.13 at AVX2 and AVX-512 alike). */
 #define FASTSGD_HALF_CHUNK 32
 
+/* The ops of an SGD step (sgd_step.h), one bit each in the modes of a
+ * strided 16-bit tensor: set where torch's loop of that op computes the
+ * element in its vector body (fastsgd/_tensor_iterator.py decides). */
+enum {
+    FASTSGD_OP_NEG = 1,
+    FASTSGD_OP_WEIGHT_DECAY = 2,
+    FASTSGD_OP_MUL = 4,
+    FASTSGD_OP_BUF = 8,
+    FASTSGD_OP_NESTEROV = 16,
+    FASTSGD_OP_PARAM = 32
+};
+
 /* Per-tensor flags of a master-weights step (buf_is_new's bits there). */
 enum { FASTSGD_NEW_BUF = 1, FASTSGD_NEW_MASTER = 2 };
 
@@ -60,9 +72,12 @@ typedef struct {
 /* One contiguous run of `n` elements of one tensor (p, g and b point at the
  * run's first element; b is NULL when momentum is 0).  For 16-bit dtypes,
  * the first n_body elements lie in torch's vector body, the others in its
- * scalar remainder (float32 and float64 ignore it). */
+ * scalar remainder -- unless `modes` is not NULL: then each element's ops
+ * round as modes[i]'s FASTSGD_OP_* bits say (a strided tensor's copy).
+ * float32 and float64 ignore both. */
 typedef void (*fastsgd_sgd_range_fn)(const fastsgd_sgd_hyper *h, void *p, const void *g,
-                                     void *b, int64_t n, int first_step, int64_t n_body);
+                                     void *b, int64_t n, int first_step, int64_t n_body,
+                                     const uint8_t *modes);
 /* The roofline: the same reads and writes per element as an SGD step, with
  * next to no arithmetic. */
 typedef void (*fastsgd_stream_range_fn)(void *p, const void *g, void *b, int64_t n);
@@ -135,6 +150,13 @@ const char *const *fastsgd_impl_names(void);
  * bufs[t], each element once, for t < ntensors. */
 void fastsgd_sgd(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
                  const fastsgd_tensor_list *list, int serial);
+
+/* One SGD step of one 16-bit tensor of n elements laid out contiguously
+ * (a strided tensor's copies), on the calling thread, each element's ops
+ * rounded as modes[i] says; first: its buffer is new (torch's clone). */
+void fastsgd_sgd_strided(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
+                         void *p, const void *g, void *b, int64_t n, int first,
+                         const uint8_t *modes);
 
 /* The roofline loop over `list`, split over threads exactly as fastsgd_sgd:
  * reads and writes the same arrays, with next to no arithmetic (the values

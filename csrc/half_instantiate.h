@@ -23,51 +23,89 @@
 #define STEP_P uint16_t
 #define STEP_G uint16_t
 
-/* torch's scalar code: the last n % 32 elements of a tensor */
-#define STEP_FN HALF_FN(step_tail_)
-#define STEP_S uint16_t
-#define STEP_A float
-#define STEP_LOAD(ptr, i) ((ptr)[i])
-#define STEP_STORE(ptr, i, v) ((ptr)[i] = (v))
-#define STEP_LOAD_GRAD(ptr, i, inv_scale) ((ptr)[i])
-#define STEP_NEGATE(x) HALF_ROUND_TAIL(-HALF_WIDEN(x))
-#define STEP_MADD(a, k, c)                                                 \
+/* torch's scalar code, one element */
+#define TAIL_NEGATE(x) HALF_ROUND_TAIL(-HALF_WIDEN(x))
+#define TAIL_MADD(a, k, c)                                                 \
     HALF_ROUND_TAIL(NAN_FIRST(HALF_WIDEN(c),                                   \
                               HALF_WIDEN(c) + HALF_WIDEN(HALF_ROUND_TAIL(HALF_WIDEN(a) * (k)))))
-#define STEP_MUL(x, k) HALF_ROUND_TAIL(HALF_WIDEN(x) * (k))
-#define STEP_STORE_OUT(out, i, v) ((void)0)
-#include "sgd_step.h"
-
-/* torch's vector body, one element at a time */
-#define STEP_FN HALF_FN(step_body_)
-#define STEP_S uint16_t
-#define STEP_A float
-#define STEP_LOAD(ptr, i) ((ptr)[i])
-#define STEP_STORE(ptr, i, v) ((ptr)[i] = (v))
-#define STEP_LOAD_GRAD(ptr, i, inv_scale) ((ptr)[i])
+#define TAIL_MUL(x, k) HALF_ROUND_TAIL(HALF_WIDEN(x) * (k))
+/* torch's vector body, one element */
 #if IMPL_FUSED16
-#define STEP_NEGATE(x) ((uint16_t)((x) ^ 0x8000u))
-#define STEP_MADD(a, k, c) \
+#define BODY_NEGATE(x) ((uint16_t)((x) ^ 0x8000u))
+#define BODY_MADD(a, k, c) \
     HALF_ROUND_BODY(NAN_FIRST(HALF_WIDEN(a), IMPL_MADD_F32(HALF_WIDEN(a), (k), HALF_WIDEN(c))))
-#define STEP_MUL(x, k) HALF_ROUND_BODY(HALF_WIDEN(x) * (k))
+#define BODY_MUL(x, k) HALF_ROUND_BODY(HALF_WIDEN(x) * (k))
 #define HALF_ROUND_COPY HALF_ROUND_BODY
 #define HALF_NAN_ROUNDED(n) ((n) - (n) % FASTSGD_HALF_CHUNK)
 #else
 /* at ATEN_CPU_CAPABILITY=default the body is torch's generic vector code,
  * element-wise scalar ops (the scalar code's roundings) computing
  * `y * a + x`: the product's NaN goes first */
-#define STEP_NEGATE(x) HALF_ROUND_TAIL(-HALF_WIDEN(x))
-#define STEP_MADD(a, k, c)                                                            \
+#define BODY_NEGATE(x) HALF_ROUND_TAIL(-HALF_WIDEN(x))
+#define BODY_MADD(a, k, c)                                                            \
     HALF_ROUND_TAIL(NAN_FIRST(HALF_WIDEN(HALF_ROUND_TAIL(HALF_WIDEN(a) * (k))),          \
                               HALF_WIDEN(c) + HALF_WIDEN(HALF_ROUND_TAIL(HALF_WIDEN(a) * (k)))))
-#define STEP_MUL(x, k) HALF_ROUND_TAIL(HALF_WIDEN(x) * (k))
+#define BODY_MUL(x, k) HALF_ROUND_TAIL(HALF_WIDEN(x) * (k))
 #define HALF_ROUND_COPY HALF_ROUND_TAIL
 #define HALF_NAN_ROUNDED(n) 0
 #endif
+
+/* Lanes of 16-bit values, one element at a time */
+#define STEP_S uint16_t
+#define STEP_A float
+#define STEP_LOAD(ptr, i) ((ptr)[i])
+#define STEP_STORE(ptr, i, v) ((ptr)[i] = (v))
+#define STEP_LOAD_GRAD(ptr, i, inv_scale) ((ptr)[i])
 #define STEP_STORE_OUT(out, i, v) ((void)0)
+#define STEP_KEEP_LANES
+
+/* the last n % 32 elements of a contiguous tensor */
+#define STEP_FN HALF_FN(step_tail_)
+#define STEP_NEGATE(op, x) TAIL_NEGATE(x)
+#define STEP_MADD(op, a, k, c) TAIL_MADD(a, k, c)
+#define STEP_MUL(op, x, k) TAIL_MUL(x, k)
+#include "sgd_step.h"
+
+/* the rest of a contiguous tensor */
+#define STEP_FN HALF_FN(step_body_)
+#define STEP_NEGATE(op, x) BODY_NEGATE(x)
+#define STEP_MADD(op, a, k, c) BODY_MADD(a, k, c)
+#define STEP_MUL(op, x, k) BODY_MUL(x, k)
+#include "sgd_step.h"
+
+/* an element of a strided tensor: each op rounds as its own loop in torch
+ * reached the element (modes[i]); functions, so that each operand (an op's
+ * result) is computed once */
+static inline __attribute__((always_inline)) IMPL_TARGET uint16_t
+HALF_FN(negate_either_)(const int body, const uint16_t x)
+{
+    return body ? BODY_NEGATE(x) : TAIL_NEGATE(x);
+}
+static inline __attribute__((always_inline)) IMPL_TARGET uint16_t
+HALF_FN(madd_either_)(const int body, const uint16_t a, const float k, const uint16_t c)
+{
+    return body ? BODY_MADD(a, k, c) : TAIL_MADD(a, k, c);
+}
+static inline __attribute__((always_inline)) IMPL_TARGET uint16_t
+HALF_FN(mul_either_)(const int body, const uint16_t x, const float k)
+{
+    return body ? BODY_MUL(x, k) : TAIL_MUL(x, k);
+}
+#define STEP_FN HALF_FN(step_strided_)
+#define STEP_NEGATE(op, x) HALF_FN(negate_either_)(modes[i] & (op), x)
+#define STEP_MADD(op, a, k, c) HALF_FN(madd_either_)(modes[i] & (op), a, k, c)
+#define STEP_MUL(op, x, k) HALF_FN(mul_either_)(modes[i] & (op), x, k)
+#undef STEP_KEEP_LANES
 #include "sgd_step.h"
 #define SGD_STEP HALF_FN(step_body_)
 #define SGD_STEP_TAIL HALF_FN(step_tail_)
+#define SGD_STEP_STRIDED HALF_FN(step_strided_)
+#undef TAIL_NEGATE
+#undef TAIL_MADD
+#undef TAIL_MUL
+#undef BODY_NEGATE
+#undef BODY_MADD
+#undef BODY_MUL
 
 #if IMPL_VEC16
 /* torch's vector body, VEC_WIDTH elements at a time */
@@ -80,10 +118,10 @@
 #define STEP_LOAD(ptr, i) VEC_HLOAD((ptr) + (i))
 #define STEP_STORE(ptr, i, v) VEC_HSTORE((ptr) + (i), (v))
 #define STEP_LOAD_GRAD(ptr, i, inv_scale) VEC_HLOAD((ptr) + (i))
-#define STEP_NEGATE(x) VEC_HNEGATE(x)
-#define STEP_MADD(a, k, c) \
+#define STEP_NEGATE(op, x) VEC_HNEGATE(x)
+#define STEP_MADD(op, a, k, c) \
     VEC_ROUND(VEC_NAN_FIRST(VEC_WIDEN(a), VEC_FMA(VEC_WIDEN(a), (k), VEC_WIDEN(c))))
-#define STEP_MUL(x, k) VEC_ROUND(VEC_MUL(VEC_WIDEN(x), (k)))
+#define STEP_MUL(op, x, k) VEC_ROUND(VEC_MUL(VEC_WIDEN(x), (k)))
 #else
 /* bfloat16: values pass between ops as float32 lanes holding bfloat16
  * values (widening is exact and free), rounded in place, packed on store:
@@ -92,9 +130,9 @@
 #define STEP_LOAD(ptr, i) VEC_WIDEN(VEC_HLOAD((ptr) + (i)))
 #define STEP_STORE(ptr, i, v) VEC_HSTORE((ptr) + (i), VEC_BF16_PACK(v))
 #define STEP_LOAD_GRAD(ptr, i, inv_scale) VEC_WIDEN(VEC_HLOAD((ptr) + (i)))
-#define STEP_NEGATE(x) VEC_FNEGATE(x)
-#define STEP_MADD(a, k, c) VEC_BF16_ROUND_IN_LANE(VEC_FMA((a), (k), (c)))
-#define STEP_MUL(x, k) VEC_BF16_ROUND_IN_LANE(VEC_MUL((x), (k)))
+#define STEP_NEGATE(op, x) VEC_FNEGATE(x)
+#define STEP_MADD(op, a, k, c) VEC_BF16_ROUND_IN_LANE(VEC_FMA((a), (k), (c)))
+#define STEP_MUL(op, x, k) VEC_BF16_ROUND_IN_LANE(VEC_MUL((x), (k)))
 #endif
 #define STEP_STORE_OUT(out, i, v) ((void)0)
 #include "sgd_step.h"
@@ -130,6 +168,7 @@
 #include "average_loop.h"
 #undef SGD_STEP
 #undef SGD_STEP_TAIL
+#undef SGD_STEP_STRIDED
 #undef SGD_VEC_STEP
 #undef SGD_VEC_WIDTH
 #undef SGD_VEC_A
@@ -164,9 +203,9 @@
 #define STEP_LOAD(ptr, i) ((ptr)[i])
 #define STEP_STORE(ptr, i, v) ((ptr)[i] = (v))
 #define STEP_LOAD_GRAD(ptr, i, inv_scale) (HALF_WIDEN((ptr)[i]) * (inv_scale))
-#define STEP_NEGATE(x) fastsgd_negate_f32(x)
-#define STEP_MADD(a, k, c) ((a) != (a) ? (a) : IMPL_MADD_F32(a, k, c))
-#define STEP_MUL(x, k) ((x) * (k))
+#define STEP_NEGATE(op, x) fastsgd_negate_f32(x)
+#define STEP_MADD(op, a, k, c) ((a) != (a) ? (a) : IMPL_MADD_F32(a, k, c))
+#define STEP_MUL(op, x, k) ((x) * (k))
 #define STEP_STORE_OUT(out, i, v) ((out)[i] = HALF_ROUND_COPY(v))
 #include "sgd_step.h"
 #define MASTER_STEP HALF_FN(master_step_)
@@ -177,9 +216,9 @@
 #define STEP_LOAD(ptr, i) VEC_FLOAD((ptr) + (i))
 #define STEP_STORE(ptr, i, v) VEC_FSTORE((ptr) + (i), (v))
 #define STEP_LOAD_GRAD(ptr, i, inv_scale) VEC_MUL(VEC_WIDEN(VEC_HLOAD((ptr) + (i))), (inv_scale))
-#define STEP_NEGATE(x) VEC_FNEGATE(x)
-#define STEP_MADD(a, k, c) VEC_NAN_FIRST((a), VEC_FMA(a, k, c))
-#define STEP_MUL VEC_MUL
+#define STEP_NEGATE(op, x) VEC_FNEGATE(x)
+#define STEP_MADD(op, a, k, c) VEC_NAN_FIRST((a), VEC_FMA(a, k, c))
+#define STEP_MUL(op, x, k) VEC_MUL(x, k)
 #define STEP_STORE_OUT(out, i, v) VEC_HSTORE((out) + (i), VEC_ROUND(v))
 #include "sgd_step.h"
 #define MASTER_VEC_STEP HALF_FN(master_step_vec_)

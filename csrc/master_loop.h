@@ -26,12 +26,12 @@ SGD_FN_CAT(MASTER_FN, _run)(float *restrict master, const uint16_t *restrict g,
         const MASTER_VEC_A vomd = MASTER_VEC_SPLAT(omd), vneg_lr = MASTER_VEC_SPLAT(neg_lr);
         const MASTER_VEC_A vinv = MASTER_VEC_SPLAT(inv_scale);
         for (; i + MASTER_VEC_WIDTH <= n; i += MASTER_VEC_WIDTH)
-            MASTER_VEC_STEP(master, g, b, p, i, maximize, use_wd, use_momentum, first_step,
+            MASTER_VEC_STEP(master, g, b, p, NULL, i, maximize, use_wd, use_momentum, first_step,
                             nesterov, vwd, vm, vm, vomd, vneg_lr, vinv);
     }
 #endif
     for (; i < n; i++)
-        MASTER_STEP(master, g, b, p, i, maximize, use_wd, use_momentum, first_step, nesterov,
+        MASTER_STEP(master, g, b, p, NULL, i, maximize, use_wd, use_momentum, first_step, nesterov,
                     wd, m, m, omd, neg_lr, inv_scale);
 }
 

@@ -44,7 +44,7 @@ static inline __attribute__((always_inline)) double fastsgd_negate_f64(double x)
 #define STEP_LOAD(ptr, i) ((ptr)[i])
 #define STEP_STORE(ptr, i, v) ((ptr)[i] = (v))
 #define STEP_LOAD_GRAD(ptr, i, inv_scale) ((ptr)[i])
-#define STEP_MUL(x, k) ((x) * (k))
+#define STEP_MUL(op, x, k) ((x) * (k))
 #define STEP_STORE_OUT(out, i, v) ((void)0)
 
 #define SGD_T float
@@ -55,8 +55,8 @@ static inline __attribute__((always_inline)) double fastsgd_negate_f64(double x)
 #define STEP_S float
 #define STEP_A float
 #define STEP_FN IMPL_CAT(step_f32_, IMPL_NAME)
-#define STEP_NEGATE(x) fastsgd_negate_f32(x)
-#define STEP_MADD IMPL_MADD_F32
+#define STEP_NEGATE(op, x) fastsgd_negate_f32(x)
+#define STEP_MADD(op, a, k, c) IMPL_MADD_F32(a, k, c)
 #include "sgd_step.h"
 #define SGD_STEP IMPL_CAT(step_f32_, IMPL_NAME)
 #define SGD_FN IMPL_CAT(sgd_f32_, IMPL_NAME)
@@ -104,7 +104,7 @@ static inline __attribute__((always_inline)) double fastsgd_negate_f64(double x)
 #define STEP_LOAD(ptr, i) ((ptr)[i])
 #define STEP_STORE(ptr, i, v) ((ptr)[i] = (v))
 #define STEP_LOAD_GRAD(ptr, i, inv_scale) ((ptr)[i])
-#define STEP_MUL(x, k) ((x) * (k))
+#define STEP_MUL(op, x, k) ((x) * (k))
 #define STEP_STORE_OUT(out, i, v) ((void)0)
 #define SGD_T double
 #define SGD_C double
@@ -114,8 +114,8 @@ static inline __attribute__((always_inline)) double fastsgd_negate_f64(double x)
 #define STEP_S double
 #define STEP_A double
 #define STEP_FN IMPL_CAT(step_f64_, IMPL_NAME)
-#define STEP_NEGATE(x) fastsgd_negate_f64(x)
-#define STEP_MADD IMPL_MADD_F64
+#define STEP_NEGATE(op, x) fastsgd_negate_f64(x)
+#define STEP_MADD(op, a, k, c) IMPL_MADD_F64(a, k, c)
 #include "sgd_step.h"
 #define SGD_STEP IMPL_CAT(step_f64_, IMPL_NAME)
 #define SGD_FN IMPL_CAT(sgd_f64_, IMPL_NAME)

@@ -11,6 +11,8 @@
  *                  body (or in its only code path, for float32 and float64)
  * and, for 16-bit dtypes:
  *   SGD_STEP_TAIL  the step of one element in torch's scalar remainder
+ *   SGD_STEP_STRIDED  the step of one element whose ops round as modes[i]
+ *                  says (an element of a strided tensor)
  *   SGD_VEC_STEP, SGD_VEC_WIDTH, SGD_VEC_A, SGD_VEC_SPLAT(x)  (optional) the
  *                  step of SGD_VEC_WIDTH elements of the vector body, its
  *                  alpha type and how a float alpha is broadcast into it.
@@ -26,43 +28,54 @@
 
 static inline __attribute__((always_inline)) SGD_TARGET void
 SGD_FN_CAT(SGD_FN, _run)(SGD_T *restrict p, const SGD_T *restrict g, SGD_T *restrict b,
-                         const int64_t n, const int64_t n_body, const int maximize,
+                         const int64_t n, const int64_t n_body, const uint8_t *restrict modes,
+                         const int maximize,
                          const int use_wd, const int use_momentum, const int first_step,
                          const int nesterov, const SGD_A wd, const SGD_A m, const SGD_A m_alpha,
                          const SGD_A omd, const SGD_A neg_lr)
 {
     int64_t i = 0;
+#ifdef SGD_STEP_STRIDED
+    if (modes) {
+        for (; i < n; i++)
+            SGD_STEP_STRIDED(p, g, b, NULL, modes, i, maximize, use_wd, use_momentum,
+                             first_step, nesterov, wd, m, m_alpha, omd, neg_lr, (SGD_A)1);
+        return;
+    }
+#else
+    (void)modes;
+#endif
 #ifdef SGD_VEC_STEP
     {
         const SGD_VEC_A vwd = SGD_VEC_SPLAT(wd), vm = SGD_VEC_SPLAT(m);
         const SGD_VEC_A vm_alpha = SGD_VEC_SPLAT(m_alpha), vomd = SGD_VEC_SPLAT(omd);
         const SGD_VEC_A vneg_lr = SGD_VEC_SPLAT(neg_lr), vone = SGD_VEC_SPLAT(1.0f);
         for (; i + SGD_VEC_WIDTH <= n_body; i += SGD_VEC_WIDTH)
-            SGD_VEC_STEP(p, g, b, NULL, i, maximize, use_wd, use_momentum, first_step, nesterov,
+            SGD_VEC_STEP(p, g, b, NULL, NULL, i, maximize, use_wd, use_momentum, first_step, nesterov,
                          vwd, vm, vm_alpha, vomd, vneg_lr, vone);
     }
 #endif
 #ifdef SGD_STEP_TAIL
     for (; i < n_body; i++)
-        SGD_STEP(p, g, b, NULL, i, maximize, use_wd, use_momentum, first_step, nesterov, wd, m,
+        SGD_STEP(p, g, b, NULL, NULL, i, maximize, use_wd, use_momentum, first_step, nesterov, wd, m,
                  m_alpha, omd, neg_lr, (SGD_A)1);
     for (; i < n; i++)
-        SGD_STEP_TAIL(p, g, b, NULL, i, maximize, use_wd, use_momentum, first_step, nesterov,
+        SGD_STEP_TAIL(p, g, b, NULL, NULL, i, maximize, use_wd, use_momentum, first_step, nesterov,
                       wd, m, m_alpha, omd, neg_lr, (SGD_A)1);
 #else
     (void)n_body;
     for (; i < n; i++)
-        SGD_STEP(p, g, b, NULL, i, maximize, use_wd, use_momentum, first_step, nesterov, wd, m,
+        SGD_STEP(p, g, b, NULL, NULL, i, maximize, use_wd, use_momentum, first_step, nesterov, wd, m,
                  m_alpha, omd, neg_lr, (SGD_A)1);
 #endif
 }
 
 #define SGD_RUN(WD, MOM, FIRST, NEST)                                                    \
-    SGD_FN_CAT(SGD_FN, _run)(p, g, b, n, n_body, maximize, WD, MOM, FIRST, NEST, wd, m, \
-                             m_alpha, omd, neg_lr)
+    SGD_FN_CAT(SGD_FN, _run)(p, g, b, n, n_body, modes, maximize, WD, MOM, FIRST, NEST, wd, \
+                             m, m_alpha, omd, neg_lr)
 
 SGD_TARGET static void SGD_FN(const fastsgd_sgd_hyper *h, void *p_, const void *g_, void *b_,
-                              int64_t n, int first, int64_t n_body)
+                              int64_t n, int first, int64_t n_body, const uint8_t *modes)
 {
     SGD_T *p = (SGD_T *)p_;
     const SGD_T *g = (const SGD_T *)g_;

@@ -18,49 +18,57 @@
  *   STEP_LOAD(ptr, i), STEP_STORE(ptr, i, v)  the param or buffer lane at i
  *   STEP_LOAD_GRAD(ptr, i, inv_scale)         the grad lane (master weights
  *                        widen it and multiply it by GradScaler's inverse scale)
- *   STEP_NEGATE(x)       -x, the sign flipped as torch's neg does
- *   STEP_MADD(a, k, c)   c.add(a, alpha=k), rounded as the lane's code path does
- *   STEP_MUL(x, k)       x.mul_(k)
+ *   STEP_NEGATE(op, x)   -x, the sign flipped as torch's neg does
+ *   STEP_MADD(op, a, k, c)  c.add(a, alpha=k), rounded as the lane's code path does
+ *   STEP_MUL(op, x, k)   x.mul_(k)
+ * where op is the op's FASTSGD_OP_* bit: the step of an element of a strided
+ * 16-bit tensor rounds each op as that op's own loop in torch reached the
+ * element (bit set in modes[i]: its vector body); every other step ignores
+ * op and modes.
  *   STEP_STORE_OUT(out, i, v)  master weights: the 16-bit parameter from the
- *                        new float32 master v; otherwise nothing */
+ *                        new float32 master v; otherwise nothing
+ * All are undefined after, but for the lane's (STEP_S to STEP_STORE_OUT)
+ * while STEP_KEEP_LANES is defined. */
 
 static inline __attribute__((always_inline)) STEP_TARGET void
 STEP_FN(STEP_P *restrict p, const STEP_G *restrict g, STEP_P *restrict b,
-        uint16_t *restrict out, const int64_t i, const int maximize, const int use_wd,
-        const int use_momentum, const int first_step, const int nesterov, const STEP_A wd,
+        uint16_t *restrict out, const uint8_t *restrict modes, const int64_t i,
+        const int maximize, const int use_wd, const int use_momentum, const int first_step, const int nesterov, const STEP_A wd,
         const STEP_A m, const STEP_A m_alpha, const STEP_A omd, const STEP_A neg_lr,
         const STEP_A inv_scale)
 {
-    (void)out, (void)inv_scale, (void)m_alpha;
+    (void)out, (void)modes, (void)inv_scale, (void)m_alpha;
     STEP_S d = STEP_LOAD_GRAD(g, i, inv_scale);
     if (maximize)
-        d = STEP_NEGATE(d);
+        d = STEP_NEGATE(FASTSGD_OP_NEG, d);
     if (use_wd)
-        d = STEP_MADD(STEP_LOAD(p, i), wd, d);
+        d = STEP_MADD(FASTSGD_OP_WEIGHT_DECAY, STEP_LOAD(p, i), wd, d);
     if (use_momentum) {
         STEP_S buf;
         if (first_step)
             buf = d;
         else
-            buf = STEP_MADD(d, omd, STEP_MUL(STEP_LOAD(b, i), m));
+            buf = STEP_MADD(FASTSGD_OP_BUF, d, omd, STEP_MUL(FASTSGD_OP_MUL, STEP_LOAD(b, i), m));
         STEP_STORE(b, i, buf);
-        d = nesterov ? STEP_MADD(buf, m_alpha, d) : buf;
+        d = nesterov ? STEP_MADD(FASTSGD_OP_NESTEROV, buf, m_alpha, d) : buf;
     }
-    const STEP_S new_p = STEP_MADD(d, neg_lr, STEP_LOAD(p, i));
+    const STEP_S new_p = STEP_MADD(FASTSGD_OP_PARAM, d, neg_lr, STEP_LOAD(p, i));
     STEP_STORE(p, i, new_p);
     STEP_STORE_OUT(out, i, new_p);
 }
 
 #undef STEP_FN
+#undef STEP_NEGATE
+#undef STEP_MADD
+#undef STEP_MUL
+#ifndef STEP_KEEP_LANES  /* defined: the next include steps the same lanes */
 #undef STEP_S
 #undef STEP_A
 #undef STEP_LOAD
 #undef STEP_STORE
 #undef STEP_LOAD_GRAD
-#undef STEP_NEGATE
-#undef STEP_MADD
-#undef STEP_MUL
 #undef STEP_STORE_OUT
+#endif
 
 #ifndef STEP_DISPATCH
 /* Literal flags make the compiler emit one branch-free loop per option

@@ -14,7 +14,8 @@ float16 and bfloat16 arrays (``Half16``): every op computes in float32 and
 rounds its result to the dtype, to nearest even.  ``x.add(y, alpha=a)``
 takes ``a`` rounded to the dtype (double -> float32 -> dtype); ``buf.mul_(m)``
 takes ``m`` as a float32.  torch's AVX2/AVX-512 kernels compute each tensor
-in a vector body and its last ``n % 32`` elements in scalar code, which
+in a vector body and its last ``n % 32`` elements in scalar code (a strided
+tensor's elements as fastsgd._tensor_iterator lays each op out), which
 differ: the body fuses the multiply-add, the scalar code rounds the product
 to the dtype first; the body gives a bfloat16 NaN the bits 0xFFFF, the
 scalar code 0x7FC0; a float16 NaN keeps its sign and payload, quieted; with
@@ -39,6 +40,7 @@ for a product that overflows only in the unfused evaluation).
 """
 import numpy as np
 
+from . import _tensor_iterator
 from ._native import cpu_capability
 from .parameter import is_bfloat16
 from .sgd import SGD as _NativeSGD
@@ -166,45 +168,42 @@ def running_mean(averaged, current, count):
 
 
 class Float:
-    """The ops of torch's for-loop SGD on a float32 or float64 array."""
+    """The ops of torch's for-loop SGD on a float32 or float64 array (one
+    code path: ``vector``, where the op's vector body computes, is unused)."""
 
     def __init__(self, dtype, fma):
         self.t = np.dtype(dtype).type
         self.fma = fma
 
-    def neg(self, x):
+    def neg(self, x, vector=None):
         return -x
 
-    def add(self, x, y, alpha):
+    def add(self, x, y, alpha, vector=None):
         """x.add(y, alpha=alpha); with x and y both NaN, y's NaN (quieted)."""
         y = np.asarray(y)
         with np.errstate(invalid="ignore"):
             return np.where(np.isnan(y), y + self.t(0), madd(y, self.t(alpha), x, self.fma))
 
-    def mul(self, x, m):
+    def mul(self, x, m, vector=None):
         """x.mul(m)"""
         return x * self.t(m)
 
 
 class Half16:
-    """The ops of torch's for-loop SGD on a float16 or bfloat16 array like
-    ``array`` (see the module's docstring): float32 arithmetic, then a
-    rounding to the dtype, per op.  ``vectorized``: torch's AVX2/AVX-512
-    kernels (the vector body, then the scalar code on the last n % 32
-    elements in memory order); else ATEN_CPU_CAPABILITY=default (scalar
-    code only)."""
+    """The ops of torch's for-loop SGD on float16 or bfloat16 arrays (see the
+    module's docstring): float32 arithmetic, then a rounding to the dtype,
+    per op.  Each op takes ``vector``, where torch's vector body computes it
+    (elsewhere its scalar code does): for contiguous arrays all but the last
+    ``n % 32`` elements in memory order, for strided ones as
+    fastsgd._tensor_iterator lays the op out.  ``vectorized``: torch's
+    AVX2/AVX-512 kernels; else ATEN_CPU_CAPABILITY=default, whose body rounds
+    as the scalar code but keeps NaNs as the vector body."""
 
-    CHUNK = 32
+    CHUNK = _tensor_iterator.CHUNK
 
-    def __init__(self, array, vectorized):
-        self.dtype = array.dtype
+    def __init__(self, dtype, vectorized):
+        self.dtype = np.dtype(dtype)
         self.vectorized = vectorized
-        n = array.size
-        in_memory_order = np.arange(n) >= n - n % self.CHUNK
-        order = "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
-        self.tail = in_memory_order.reshape(array.shape, order=order)
-        # where torch's scalar code's roundings apply
-        self.scalar = self.tail | (not vectorized)
 
     def widen(self, x):
         """Exactly, to float32."""
@@ -213,11 +212,9 @@ class Half16:
             return np.asarray(bits.astype(np.uint32) << 16).view(np.float32)
         return bits.view(np.float16).astype(np.float32)
 
-    def round(self, x, scalar=None):
+    def round(self, x, scalar):
         """float32 x to the dtype, to nearest even, with the NaN bits of
-        torch's scalar code where `scalar` (default: self.scalar), else of
-        its vector body."""
-        scalar = self.scalar if scalar is None else scalar
+        torch's scalar code where `scalar`, else of its vector body."""
         x = np.asarray(x, np.float32)
         u = x.view(np.uint32)
         sign = ((u >> 16) & 0x8000).astype(np.uint16)
@@ -229,39 +226,42 @@ class Half16:
                 bits = x.astype(np.float16).view(np.uint16)
             payload = ((u >> 13) & 0x3FF).astype(np.uint16)
             quieted = sign | np.uint16(0x7E00) | payload   # F16C's VCVTPS2PH
-            nan_bits = np.where(scalar & (not self.vectorized), sign | np.uint16(0x7E00), quieted)
+            nan_bits = np.where(np.asarray(scalar) & (not self.vectorized),
+                                sign | np.uint16(0x7E00), quieted)
         return np.where(np.isnan(x), nan_bits, bits).view(self.dtype)
 
     def alpha(self, a):
         """A Python float as torch's Scalar alpha: double -> float32 -> dtype."""
         return self.widen(self.round(np.float32(a), scalar=True))
 
-    def neg(self, x):
+    def neg(self, x, vector):
         """-x: the sign bit flipped in the vector body, through float32 in
         the scalar code."""
+        scalar = ~vector | (not self.vectorized)
         flipped = (np.asarray(x).view(np.uint16) ^ np.uint16(0x8000)).view(self.dtype)
-        return np.where(self.scalar, self.round(-self.widen(x)), flipped)
+        return np.where(scalar, self.round(-self.widen(x), scalar), flipped)
 
-    def add(self, x, y, alpha):
+    def add(self, x, y, alpha, vector):
         """x.add(y, alpha=alpha): one fused multiply-add in the vector body
         (at default: unfused); in the scalar code the product is rounded to
         the dtype first.  With x and y both NaN, the body keeps y's NaN, the
         scalar code x's."""
+        scalar = ~vector | (not self.vectorized)
         a = self.alpha(alpha)
         wx, wy = self.widen(x), self.widen(y)
         with np.errstate(all="ignore"):
-            product = self.widen(self.round(wy * a))
+            product = self.widen(self.round(wy * a, scalar))
             if self.vectorized:
-                body = self.round(np.where(np.isnan(wy), wy, madd(wy, a, wx)))
+                body = self.round(np.where(np.isnan(wy), wy, madd(wy, a, wx)), scalar)
             else:
-                body = self.round(np.where(np.isnan(product), product, wx + product))
-            tail = self.round(np.where(np.isnan(wx), wx, wx + product))
-        return np.where(self.tail, tail, body)
+                body = self.round(np.where(np.isnan(product), product, wx + product), scalar)
+            tail = self.round(np.where(np.isnan(wx), wx, wx + product), scalar)
+        return np.where(vector, body, tail)
 
-    def mul(self, x, m):
+    def mul(self, x, m, vector):
         """x.mul(m), m a float32 (not rounded to the dtype)."""
         with np.errstate(all="ignore"):
-            return self.round(self.widen(x) * np.float32(m))
+            return self.round(self.widen(x) * np.float32(m), ~vector | (not self.vectorized))
 
 
 def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay,
@@ -269,8 +269,10 @@ def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_deca
     """One SGD step of torch's for-loop path, in place, in numpy.
 
     ``grads[i]`` None skips ``params[i]``; ``momentum_buffers[i]`` None is a
-    first step and is replaced by the new buffer.  ``fma``: torch's
-    vectorised rounding (AVX2/AVX-512), else ATEN_CPU_CAPABILITY=default's.
+    first step and is replaced by the new buffer (for a 16-bit parameter,
+    laid out as torch lays out its clone of the step's gradient).  ``fma``:
+    torch's vectorised rounding (AVX2/AVX-512), else
+    ATEN_CPU_CAPABILITY=default's.
 
     ``masters``: master weights of 16-bit params: ``masters[i]`` is the
     float32 master of ``params[i]`` (None on its first step: it is made from
@@ -281,28 +283,45 @@ def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_deca
         if g is None:
             continue
         ops: Float | Half16
+        buf = momentum_buffers[i] if momentum != 0 else None
+        modes = new_buf = None
         if masters is not None:
-            half = Half16(p, fma)
+            half = Half16(p.dtype, fma)
             if masters[i] is None:
                 masters[i] = half.widen(p).copy()
             ops, target = Float(np.float32, fma), masters[i]
             g = half.widen(g) * np.float32(1.0 if inv_scale is None else inv_scale)
         elif p.dtype.itemsize == 2:
-            ops, target = Half16(p, fma), p
+            ops, target = Half16(p.dtype, fma), p
+            strides = [None if a is None else _tensor_iterator.element_strides(a)
+                       for a in (p, g, buf)]
+            modes = _tensor_iterator.step_modes(
+                p.shape, *strides, maximize=maximize, weight_decay=weight_decay != 0,
+                momentum=momentum != 0, nesterov=nesterov)
+            if momentum != 0 and buf is None:
+                new_buf = _tensor_iterator.first_buffer_strides(
+                    p.shape, *strides[:2], maximize=maximize, weight_decay=weight_decay != 0)
         else:
             ops, target = Float(p.dtype, fma), p
-        d = ops.neg(g) if maximize else g
+
+        def vector(op):
+            return None if modes is None else (modes & op) != 0
+
+        d = ops.neg(g, vector(_tensor_iterator.NEG)) if maximize else g
         if weight_decay != 0:
-            d = ops.add(d, target, weight_decay)
+            d = ops.add(d, target, weight_decay, vector(_tensor_iterator.WEIGHT_DECAY))
         if momentum != 0:
-            buf = momentum_buffers[i]
             if buf is None:
-                buf = np.array(d, copy=True)
+                buf = (np.array(d, copy=True) if new_buf is None
+                       else _tensor_iterator.empty_strided(p.shape, new_buf, p.dtype))
+                buf[...] = d
                 momentum_buffers[i] = buf
             else:
-                buf[...] = ops.add(ops.mul(buf, momentum), d, 1 - dampening)
-            d = ops.add(d, buf, momentum) if nesterov else buf
-        target[...] = ops.add(target, d, -lr)
+                buf[...] = ops.add(ops.mul(buf, momentum, vector(_tensor_iterator.MUL)), d,
+                                   1 - dampening, vector(_tensor_iterator.BUF))
+            d = (ops.add(d, buf, momentum, vector(_tensor_iterator.NESTEROV)) if nesterov
+                 else buf)
+        target[...] = ops.add(target, d, -lr, vector(_tensor_iterator.PARAM))
         if masters is not None:  # torch's copy of the float32 params back
             p[...] = half.round(target, scalar=np.full(p.shape, not fma))
 

@@ -19,7 +19,7 @@ import pytest
 from test_parity import OPTIONS, option_id
 
 import fastsgd
-from fastsgd import reference
+from fastsgd import _tensor_iterator, reference
 
 torch = pytest.importorskip("torch")
 torch_functional_sgd = pytest.importorskip("torch.optim.sgd").sgd
@@ -144,6 +144,153 @@ def test_grid(kernel, cap, dtype, options):
             opt.step()
         for twins in (base, head):
             assert_same(fast_opt, torch_opt, ref_opt, twins)
+
+
+# Strided 16-bit tensors: torch rounds each op's elements as its TensorIterator
+# lays that op out (fastsgd/_tensor_iterator.py).  A layout recipe: the view's
+# dimensions in memory order (outermost first), a step per dimension, and
+# whether it is [..., 0] of a base with one more dimension; or
+# ("broadcast", dim), a grad expanded along dim (torch's expand).
+def random_recipe(rng, shape):
+    order = [int(d) for d in rng.permutation(len(shape))]
+    steps = [int(rng.choice([1, 1, 2, 3])) for _ in shape]
+    return order, steps, bool(rng.random() < 0.25)
+
+
+def strided_twins(draw, shape, recipe, copies):
+    """`copies` numpy views (with their bases) and a torch view of the same
+    values (draw(n): n of them), each over its own base, laid out by recipe."""
+    if recipe[0] == "broadcast":
+        small = list(shape)
+        small[recipe[1]] = 1
+        values = draw(int(np.prod(small))).reshape(small)
+        bases = [values.copy() for _ in range(copies)]
+        # torch's expand keeps the strides of the other size-1 dimensions,
+        # where np.broadcast_to sets them to 0 (and torch's roundings see them)
+        return ([np.lib.stride_tricks.as_strided(
+            b, shape, [0 if d == recipe[1] else s for d, s in enumerate(b.strides)],
+            writeable=False) for b in bases], bases, to_torch(values).expand(shape))
+    order, steps, pick = recipe
+    base_shape = [shape[d] * steps[d] for d in order] + ([2] if pick else [])
+    base = draw(int(np.prod(base_shape))).reshape(base_shape)
+    bases = [base.copy() for _ in range(copies)]
+    return ([view_of(b, recipe) for b in bases], bases,
+            view_of(to_torch(base), recipe, torch=True))
+
+
+def view_of(base, recipe, torch=False):
+    order, steps, pick = recipe
+    index = tuple(slice(None, None, steps[d]) for d in order) + (..., 0)[:1 + pick]
+    inverse = [order.index(d) for d in range(len(order))]
+    return base[index].permute(inverse) if torch else base[index].transpose(inverse)
+
+
+STRIDED_SHAPES = [(5,), (70,), (33, 3), (17, 40), (2, 70), (1, 45), (9, 2, 33), (2, 3, 5, 7),
+                  (3, 1, 40), ()]
+
+
+def strided_cases(count):
+    """(dtype, seed, options, slow?): the default run a sample, -m slow all."""
+    return [pytest.param(DTYPES[seed % 2], seed, OPTIONS[seed % len(OPTIONS)],
+                         marks=() if seed < 24 else (pytest.mark.slow,),
+                         id=f"{DTYPES[seed % 2]}-{seed}") for seed in range(count)]
+
+
+@pytest.mark.parametrize("dtype, seed, options", strided_cases(160))
+def test_grid_strided(kernel, dtype, seed, options):
+    """Strided params and grads of random layouts (transposed, sliced,
+    [..., 0], channels last, broadcast grads), equal torch's and the
+    reference's for three steps, and nothing else of their bases changes."""
+    kernel(CAPABILITIES[seed % len(CAPABILITIES)])
+    rng = np.random.default_rng(seed)
+
+    def normal(n):
+        return np.asarray(rng.standard_normal(n) * 4, np.float32).astype(dtype)
+
+    fast, ref, tor, bases = [], [], [], []
+    for shape in STRIDED_SHAPES:
+        if shape and rng.random() < 0.2:  # channels last: NHWC memory, NCHW view
+            shape = (2, 3, 5, 7)
+            recipe = ([0, 2, 3, 1], [1, 1, 1, 1], False)
+        else:
+            recipe = random_recipe(rng, shape)
+        (f, r), (base, _), t = strided_twins(
+            (lambda n: special_values(dtype, n, rng)) if seed % 5 == 0 else normal,
+            shape, recipe, 2)
+        fast.append(fastsgd.Parameter(f))
+        ref.append(fastsgd.Parameter(r))
+        tor.append(t)
+        bases.append((base, base.copy(), recipe))
+    opts = [fastsgd.SGD(fast, lr=0.05, **options), reference.SGD(ref, lr=0.05, **options),
+            torch.optim.SGD(tor, lr=0.05, foreach=False, **options)]
+    for step in range(3):
+        for p, r, t in zip(fast, ref, tor):
+            shape = p.shape
+            recipe = rng.choice(["param", "contiguous", "other", "broadcast"])
+            if recipe == "param" or not shape:
+                recipe = random_recipe(rng, shape)
+            elif recipe == "broadcast":
+                recipe = ("broadcast", int(rng.integers(len(shape))))
+            elif recipe == "contiguous":
+                recipe = (list(range(len(shape))), [1] * len(shape), False)
+            else:
+                recipe = random_recipe(rng, shape)
+            (p.grad, r.grad), _, t.grad = strided_twins(normal, shape, recipe, 2)
+        with np.errstate(all="ignore"):
+            for opt in opts:
+                opt.step()
+        for i, (p, r, t) in enumerate(zip(fast, ref, tor)):
+            np.testing.assert_array_equal(bits(p), bits(t), err_msg=f"param {i} vs torch")
+            np.testing.assert_array_equal(bits(p), bits(r), err_msg=f"param {i} vs reference")
+            if options["momentum"]:
+                buf = opts[0].state[p]["momentum_buffer"]
+                tbuf = opts[2].state[t]["momentum_buffer"]
+                np.testing.assert_array_equal(bits(buf), bits(tbuf), err_msg=f"buffer {i}")
+                np.testing.assert_array_equal(bits(buf), bits(opts[1].state[r][
+                    "momentum_buffer"]), err_msg=f"buffer {i} vs reference")
+    for base, original, recipe in bases:
+        untouched = np.ones(base.shape, bool)
+        view_of(untouched, recipe)[...] = False
+        np.testing.assert_array_equal(bits(base)[untouched], bits(original)[untouched])
+
+
+def test_tensor_iterator_layouts_match_torch():
+    """The model's layouts of the tensors torch allocates (an op's result,
+    a clone), against torch's, for views of every recipe."""
+    rng = np.random.default_rng(5)
+    for _ in range(400):
+        shape = tuple(int(n) for n in rng.choice([1, 2, 3, 5], size=rng.integers(1, 5)))
+        a, b = (strided_twins(lambda n: np.zeros(n, np.float16), shape,
+                              random_recipe(rng, shape), 1)[2] for _ in range(2))
+        assert a.add(b).stride() == _tensor_iterator.result_strides(
+            shape, [a.stride(), b.stride()]), (shape, a.stride(), b.stride())
+        assert a.clone().stride() == _tensor_iterator.clone_strides(shape, a.stride())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_negative_strides_match_reference(kernel, dtype):
+    """torch has no negative strides: fastsgd steps such views as the
+    reference does, each op laid out by the same model."""
+    kernel(CAPABILITIES[0])
+    rng = np.random.default_rng(8)
+    views = [lambda a: a[::-1], lambda a: a[::-2, ::3].T, lambda a: a[:, ::-1][1:]]
+    shapes = [(70,), (66, 99), (5, 40)]
+    values = [np.asarray(rng.standard_normal(s), np.float32).astype(dtype) for s in shapes]
+    fast = [fastsgd.Parameter(view(v.copy())) for v, view in zip(values, views)]
+    ref = [fastsgd.Parameter(view(v.copy())) for v, view in zip(values, views)]
+    options = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)
+    opts = [fastsgd.SGD(fast, **options), reference.SGD(ref, **options)]
+    for step in range(3):
+        for p, r, view, s in zip(fast, ref, views, shapes):
+            base = np.asarray(rng.standard_normal(s), np.float32).astype(dtype)
+            flip = (lambda a: a[::-1]) if step == 1 else (lambda a: a)
+            p.grad, r.grad = flip(view(base)), flip(view(base.copy()))
+        for opt in opts:
+            opt.step()
+        for p, r in zip(fast, ref):
+            np.testing.assert_array_equal(bits(p), bits(r))
+            np.testing.assert_array_equal(bits(opts[0].state[p]["momentum_buffer"]),
+                                          bits(opts[1].state[r]["momentum_buffer"]))
 
 
 @pytest.mark.skipif(bool(os.environ.get("FASTSGD_HALF_TEST_KERNELS")),

@@ -541,13 +541,6 @@ add("strided_read_only_views_refused", """
     opt.param_groups[1]["params"][4].grad = np.ones(5)
     expect_error(ValueError, W(1, 4) + "parameter is read-only")
 """)
-add("strided_float16_refused", """
-    p = Parameter(np.zeros((4, 4), np.float16)[:, ::2])
-    p.grad = np.ones((4, 2), np.float16)
-    opt.add_param_group({"params": [p]})
-    expect_error(ValueError, W(2, 0) + "parameter must be contiguous for a float16 parameter: "
-                 "torch rounds strided 16-bit tensors differently from contiguous ones")
-""")
 add("fortran_param_and_grad_like_torch", """
     # The float64 (2, 3) parameter and its grad and buffer are Fortran-ordered.
     assert P1[1].flags.f_contiguous and not P1[1].flags.c_contiguous

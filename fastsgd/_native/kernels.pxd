@@ -23,6 +23,13 @@ cdef extern from "fastsgd.h" nogil:
         FASTSGD_NDTYPES
         FASTSGD_NEW_BUF
         FASTSGD_NEW_MASTER
+        FASTSGD_HALF_CHUNK
+        FASTSGD_OP_NEG
+        FASTSGD_OP_WEIGHT_DECAY
+        FASTSGD_OP_MUL
+        FASTSGD_OP_BUF
+        FASTSGD_OP_NESTEROV
+        FASTSGD_OP_PARAM
 
     ctypedef struct fastsgd_tensor_list:
         int64_t ntensors
@@ -48,6 +55,10 @@ cdef void sgd(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
               const fastsgd_tensor_list *lst, bint serial) noexcept nogil
 cdef void stream(const fastsgd_impl *impl, int dtype, const fastsgd_tensor_list *lst,
                  bint serial) noexcept nogil
+# csrc/fastsgd.h's fastsgd_sgd_strided: one strided 16-bit tensor's contiguous copies
+cdef void sgd_strided(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h, void *p,
+                      const void *g, void *b, int64_t n, bint first,
+                      const uint8_t *modes) noexcept nogil
 cdef void norms(const fastsgd_impl *impl, int dtype, int64_t ntensors, const void **arrays,
                 const int64_t *sizes, double p, double *out) noexcept nogil
 cdef void scale(const fastsgd_impl *impl, int dtype, int64_t ntensors, void **arrays,

@@ -31,6 +31,9 @@ cdef extern from "fastsgd.h" nogil:
                       const void **curs, const int64_t *sizes, double count)
     int fastsgd_grads_finite(const fastsgd_impl *impl, int dtype,
                              const fastsgd_tensor_list *list, int serial)
+    void fastsgd_sgd_strided(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
+                             void *p, const void *g, void *b, int64_t n, int first,
+                             const uint8_t *modes)
     void fastsgd_sgd_master(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
                             const fastsgd_tensor_list *list, float inv_scale, int serial)
     void fastsgd_stream_master(const fastsgd_impl *impl, int dtype,
@@ -60,6 +63,14 @@ cdef extern from *:
 
 
 cdef const fastsgd_impl *_impl = fastsgd_best_impl()
+
+
+# csrc/fastsgd.h's model of torch's 16-bit loops, for fastsgd/_tensor_iterator.py: the
+# vector loop's stride, and the bit of each op of a step in a strided tensor's modes
+HALF_CHUNK = FASTSGD_HALF_CHUNK
+STEP_OPS = {"neg": FASTSGD_OP_NEG, "weight_decay": FASTSGD_OP_WEIGHT_DECAY,
+            "mul": FASTSGD_OP_MUL, "buf": FASTSGD_OP_BUF, "nesterov": FASTSGD_OP_NESTEROV,
+            "param": FASTSGD_OP_PARAM}
 
 
 def available_capabilities():
@@ -131,6 +142,13 @@ cdef void sgd(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
               const fastsgd_tensor_list *lst, bint serial) noexcept nogil:
     _count_kernel_call()
     fastsgd_sgd(impl, dtype, h, lst, serial)
+
+
+cdef void sgd_strided(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h, void *p,
+                      const void *g, void *b, int64_t n, bint first,
+                      const uint8_t *modes) noexcept nogil:
+    _count_kernel_call()
+    fastsgd_sgd_strided(impl, dtype, h, p, g, b, n, first, modes)
 
 
 cdef void stream(const fastsgd_impl *impl, int dtype, const fastsgd_tensor_list *lst,

@@ -1,6 +1,6 @@
 # A parameter group's step: staging its tensors into batches, and the plan cache.
 from cpython.object cimport PyObject
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint8_t
 
 from cpython.tuple cimport PyTuple_GET_ITEM
 
@@ -34,6 +34,11 @@ cdef class Staging:
     cdef object param, grad, buf  # the tensor's arrays this step (buf: None without)
     cdef object kernel_param, kernel_grad, kernel_buf
     cdef object param_copy, grad_copy, buf_copy
+    # 16-bit: stepped alone this step (first: its buffer is new), each op of
+    # each element rounded as modes says, kept for the layouts of modes_key
+    cdef bint by_modes, first
+    cdef object modes
+    cdef tuple modes_key
 
 
 cdef class GroupPlan:
@@ -98,6 +103,9 @@ cdef class GroupPlan:
                           Py_ssize_t group_index) except -1
     cdef int stage_copies(self, Py_ssize_t index, object param, object grad, object buf,
                           bint buf_is_new) except -1
+    cdef object staged_buffer(self, object param, object grad)
+    cdef int read_modes(self, Staging staging, bint first) except -1
+    cdef void run_by_modes(self) noexcept
     cdef int check_staged_apart(self, list params, list grads, list buffers, object state,
                                 Py_ssize_t group_index) except -1
     cdef int add_span(self, Py_ssize_t *count, object array, Py_ssize_t position) except -1

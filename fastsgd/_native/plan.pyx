@@ -25,12 +25,14 @@ from fastsgd._native.kernels cimport (FASTSGD_BF16, FASTSGD_F16, FASTSGD_F32, FA
                                       fastsgd_tensor_list)
 from fastsgd._native.objects cimport (DENSE, GRAD_OFFSET, PARAMETER_TYPE, PyListObject,
                                       PyTupleObject, array_ptr, dense_like, grad_of, grad_slot,
-                                      init_objects, refresh_bfloat16, size_of, type_of)
+                                      init_objects, kernel_dtype, refresh_bfloat16, size_of,
+                                      type_of)
 from fastsgd._native.rules cimport (check_step_alphas, check_tensor, explain_master_rejection,
                                     flag_option, master_steps_as_is, option, read_hyper,
                                     same_strides, sharing, sharing_reason, span_of, steps_as_is,
                                     where)
 
+from fastsgd import _tensor_iterator
 from fastsgd.optimizer import ParamState
 from fastsgd.parameter import Parameter
 
@@ -224,9 +226,11 @@ cdef class GroupPlan:
         elif buf is None and self.earlier_buffers is not None and param in self.earlier_buffers:
             buf = self.earlier_buffers[param]  # an earlier group's run fills it first
         elif buf is None:
-            if steps_as_is(<PyObject *>param, <PyObject *>grad, NULL) < 0:
+            if steps_as_is(<PyObject *>param, <PyObject *>grad, NULL) >= 0:
+                buf = _empty_like(param, cnp.PyArray_TYPE(<cnp.ndarray>param))
+            else:
                 check_tensor(param, grad, None, group_index, index)
-            buf = _empty_like(param, cnp.PyArray_TYPE(<cnp.ndarray>param))
+                buf = self.staged_buffer(param, grad)
             buf_is_new = True
             self.new_buffers.append((index, buf))
         # Checked after the last Python code above could run (a lookup's
@@ -455,6 +459,8 @@ cdef class GroupPlan:
                     kernels.sgd_master(impl, d, &self.hyper, &lists[d], inv_scale, serial[d])
                 else:
                     kernels.sgd(impl, d, &self.hyper, &lists[d], serial[d])
+        if self.staged_count and not roofline:
+            self.run_by_modes()
 
     cdef int commit(self, object state) except -1:
         """Copy the staged tensors' results back, store the buffers and
@@ -508,11 +514,71 @@ cdef class GroupPlan:
         if buf is not None:
             hold(<PyObject *>buf)
         self.staged_count += 1
+        cdef Py_ssize_t size = size_of(<array_ptr>param)
+        staging.by_modes = kernel_dtype(<array_ptr>param) >= FASTSGD_F16
+        if staging.by_modes:
+            # run() steps it alone, each op rounded as torch's loop of the op
+            # reached the element; in the batch, with no elements, its
+            # arrays are held and its alphas checked like the others'
+            self.read_modes(staging, buf_is_new)
+            staging.first = buf_is_new
+            size = 0
         self.batch_of(<PyObject *>param).add(
             <PyObject *>kernel_param, <PyObject *>kernel_grad,
             <PyObject *>kernel_buf if buf is not None else NULL,
-            size_of(<array_ptr>param), buf_is_new, True)
+            size, buf_is_new, True)
         return 0
+
+    cdef object staged_buffer(self, object param, object grad):
+        """The new momentum buffer of a staged tensor: for 16-bit, laid out
+        as torch lays out its first step's clone of the gradient, which
+        decides how later steps round."""
+        if kernel_dtype(<array_ptr>param) < FASTSGD_F16:
+            return _empty_like(param, cnp.PyArray_TYPE(<cnp.ndarray>param))
+        strides = _tensor_iterator.first_buffer_strides(
+            param.shape, _tensor_iterator.element_strides(param),
+            _tensor_iterator.element_strides(grad), maximize=self.hyper.maximize != 0,
+            weight_decay=self.hyper.weight_decay != 0.0)
+        return _tensor_iterator.empty_strided(param.shape, strides, param.dtype)
+
+    cdef int read_modes(self, Staging staging, bint first) except -1:
+        """staging.modes: per element of the kernel's copies, the ops torch
+        computes in its vector body (fastsgd/_tensor_iterator.py), kept
+        while the arrays' layouts and the options that pick the ops stay."""
+        param, grad = staging.param, staging.grad
+        buf = None if first else staging.buf
+        key = (param.shape, param.strides, grad.strides, None if buf is None else buf.strides,
+               self.hyper.maximize != 0, self.hyper.weight_decay != 0.0, self.with_momentum,
+               self.hyper.nesterov != 0)
+        if key == staging.modes_key:
+            return 0
+        modes = _tensor_iterator.step_modes(
+            param.shape, *[None if a is None else _tensor_iterator.element_strides(a)
+                           for a in (param, grad, buf)],
+            maximize=key[4], weight_decay=key[5], momentum=key[6], nesterov=key[7])
+        # in the memory order of the kernel's copies (order="K": dense, its
+        # dimensions in the order of theirs)
+        staging.modes = np.empty_like(staging.kernel_param, np.uint8)
+        staging.modes[...] = modes
+        staging.modes_key = key
+        return 0
+
+    cdef void run_by_modes(self) noexcept:
+        """Step the staged 16-bit tensors (their copies), one call each."""
+        cdef const fastsgd_impl *impl = kernels.kernel()
+        cdef Staging staging
+        cdef void *b
+        for item in self.stagings:
+            staging = <Staging>item
+            if staging is None or staging.param is None or not staging.by_modes:
+                continue
+            b = (<array_ptr>staging.kernel_buf).data if staging.kernel_buf is not None else NULL
+            with nogil:
+                kernels.sgd_strided(impl, dtype_of(<array_ptr>staging.kernel_param),
+                                    &self.hyper, (<array_ptr>staging.kernel_param).data,
+                                    (<array_ptr>staging.kernel_grad).data, b,
+                                    size_of(<array_ptr>staging.kernel_param), staging.first,
+                                    <const uint8_t *>(<array_ptr>staging.modes).data)
 
     cdef int check_staged_apart(self, list params, list grads, list buffers, object state,
                                 Py_ssize_t group_index) except -1:
@@ -640,6 +706,7 @@ cdef class GroupPlan:
                 let_go(<PyObject *>staging.buf)
             staging.param = staging.grad = staging.buf = None
             staging.kernel_param = staging.kernel_grad = staging.kernel_buf = None
+            staging.by_modes = False
         self.staged_count = 0
 
     # ---------------------------------------------- half precision (issue 14)

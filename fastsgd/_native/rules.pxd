@@ -339,23 +339,6 @@ cdef inline str sharing_reason(int shared):
     return ""
 
 
-# Rule: float16 and bfloat16 tensors are contiguous in one order.  torch
-# rounds the elements of a strided 16-bit tensor differently from those of a
-# contiguous one (its vectorized loop runs on contiguous inner rows, its
-# scalar loop elsewhere, and the two round differently); the 16-bit kernels
-# follow the contiguous case.
-cdef inline int check_half_layout(cnp.ndarray param, cnp.ndarray arr, str what,
-                                  Py_ssize_t group_index, Py_ssize_t index) except -1:
-    if kernel_dtype(<array_ptr>param) < FASTSGD_F16:
-        return 0
-    if not same_layout(<array_ptr>param, <array_ptr>arr):
-        raise ValueError(f"{where(group_index, index)}: {what} must be contiguous"
-                         f"{'' if arr is param else ' in the order of the parameter'} for a "
-                         f"{param.dtype} parameter: torch rounds strided 16-bit tensors "
-                         f"differently from contiguous ones")
-    return 0
-
-
 # ------------------------------------------------------------- a whole tensor
 
 # Every rule above for a parameter, its grad and its buffer (NULL without
@@ -404,10 +387,8 @@ cdef inline int check_tensor(object param, object grad, object buf,
     check_float_array(param, "parameter", group_index, index, True)
     cdef cnp.ndarray p = <cnp.ndarray>param
     check_no_self_overlap(p, "parameter", group_index, index)
-    check_half_layout(p, p, "parameter", group_index, index)
     check_like(p, grad, "grad", group_index, index, False)
     cdef cnp.ndarray g = <cnp.ndarray>grad
-    check_half_layout(p, g, "grad", group_index, index)
     cdef int shared = 0 if same_view(p, g) else sharing(p, g)
     if shared:
         raise ValueError(f"{where(group_index, index)}: grad partially overlaps the "
@@ -417,7 +398,6 @@ cdef inline int check_tensor(object param, object grad, object buf,
     check_like(p, buf, "momentum_buffer", group_index, index, True)
     cdef cnp.ndarray b = <cnp.ndarray>buf
     check_no_self_overlap(b, "momentum_buffer", group_index, index)
-    check_half_layout(p, b, "momentum_buffer", group_index, index)
     shared = sharing(p, b) or sharing(g, b)
     if shared:
         raise ValueError(f"{where(group_index, index)}: momentum_buffer shares memory with "
