@@ -20,7 +20,8 @@ tests/test_half_precision.py checks it against torch.
 """
 import numpy as np
 
-from ._native.kernels import HALF_CHUNK as CHUNK, STEP_OPS
+from ._native.kernels import HALF_CHUNK as CHUNK
+from ._native.kernels import STEP_OPS
 
 # The ops of a step, one bit each in a step's modes (csrc/fastsgd.h's FASTSGD_OP_*)
 NEG, WEIGHT_DECAY, MUL, BUF, NESTEROV, PARAM = (

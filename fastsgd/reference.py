@@ -303,8 +303,7 @@ def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_deca
                     p.shape, *strides[:2], maximize=maximize, weight_decay=weight_decay != 0)
         else:
             ops, target = Float(p.dtype, fma), p
-
-        def vector(op):
+        def vector(op, modes=modes):
             return None if modes is None else (modes & op) != 0
 
         d = ops.neg(g, vector(_tensor_iterator.NEG)) if maximize else g

@@ -223,18 +223,14 @@ def test_grid_strided(kernel, dtype, seed, options):
         bases.append((base, base.copy(), recipe))
     opts = [fastsgd.SGD(fast, lr=0.05, **options), reference.SGD(ref, lr=0.05, **options),
             torch.optim.SGD(tor, lr=0.05, foreach=False, **options)]
-    for step in range(3):
-        for p, r, t in zip(fast, ref, tor):
+    for _ in range(3):
+        for p, r, t, (_, _, param_recipe) in zip(fast, ref, tor, bases):
             shape = p.shape
-            recipe = rng.choice(["param", "contiguous", "other", "broadcast"])
-            if recipe == "param" or not shape:
-                recipe = random_recipe(rng, shape)
-            elif recipe == "broadcast":
-                recipe = ("broadcast", int(rng.integers(len(shape))))
-            elif recipe == "contiguous":
-                recipe = (list(range(len(shape))), [1] * len(shape), False)
-            else:
-                recipe = random_recipe(rng, shape)
+            kind = rng.choice(["param's", "contiguous", "another", "broadcast"])
+            recipe = (param_recipe if kind == "param's" or not shape
+                      else ("broadcast", int(rng.integers(len(shape)))) if kind == "broadcast"
+                      else (list(range(len(shape))), [1] * len(shape), False)
+                      if kind == "contiguous" else random_recipe(rng, shape))
             (p.grad, r.grad), _, t.grad = strided_twins(normal, shape, recipe, 2)
         with np.errstate(all="ignore"):
             for opt in opts:

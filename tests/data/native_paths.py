@@ -92,14 +92,16 @@ for cap in fastsgd.available_capabilities():
             p.grad = np.ones_like(p, subok=False)
         _native.Roofline(halves, [p.grad for p in halves],
                          [np.zeros_like(m) for m in masters], masters=masters)()
-# Strided params, grads and buffers, stepped through cached contiguous copies:
-# first and later steps, a loaded strided buffer, the element-wise clipping and
-# unscale of strided grads, and the refusals (self-overlap, shared memory).
-for dtype in (np.float32, np.float64):
+# Strided params, grads and buffers, stepped through cached contiguous copies
+# (16-bit ones with their per-element op bits): first and later steps, a
+# loaded strided buffer, the element-wise clipping and unscale of strided
+# grads, and the refusals (self-overlap, shared memory).
+for dtype in (np.float32, np.float64, np.float16, ml_dtypes.bfloat16):
     base = rng.standard_normal((6, 10, 2)).astype(dtype)
     strided = [fastsgd.Parameter(base[..., 0]), fastsgd.Parameter(base[::2, ::-3, 1]),
                fastsgd.Parameter(rng.standard_normal((7, 5)).astype(dtype).T),
-               fastsgd.Parameter(np.zeros((0, 4), dtype)[:, ::2])]
+               fastsgd.Parameter(np.zeros((0, 4), dtype)[:, ::2]),
+               fastsgd.Parameter(rng.standard_normal((3, 70)).astype(dtype)[:, 1:])]
     opt = fastsgd.SGD(strided, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)
     for step in range(3):
         for p in strided:
@@ -108,9 +110,10 @@ for dtype in (np.float32, np.float64):
     opt.state[strided[2]] = {"momentum_buffer": np.zeros((5, 7), dtype)}  # C order, param F
     opt.step()
     fastsgd.clip_grad_value_(strided, 0.5)
-    scaler = fastsgd.amp.GradScaler()
-    scaler.scale(np.float32(1))
-    scaler.unscale_(fastsgd.SGD(strided, lr=0.1))
+    if np.dtype(dtype).itemsize >= 4:  # 16-bit grads unscale only beside master weights
+        scaler = fastsgd.amp.GradScaler()
+        scaler.scale(np.float32(1))
+        scaler.unscale_(fastsgd.SGD(strided, lr=0.1))
     overlapping = fastsgd.Parameter(np.lib.stride_tricks.as_strided(
         np.zeros(4, dtype), shape=(3, 2), strides=(np.dtype(dtype).itemsize,) * 2))
     overlapping.grad = np.ones((3, 2), dtype)
