@@ -141,6 +141,73 @@ HALF_FN(mul_either_)(const int body, const uint16_t x, const float k)
 #define SGD_VEC_A VEC_F
 #define SGD_VEC_SPLAT VEC_SPLAT
 #endif
+
+#if IMPL_VEC16
+/* A strided tensor, 8 elements at a time (AVX2's lanes, in the AVX-512
+ * kernel too): each op computed both as torch's vector body and as its
+ * scalar code computes it, each lane keeping the one modes[i] names.  On
+ * these CPUs the scalar code rounds float16 through F16C as the vector body
+ * does; only x.add(y, alpha=a) rounds its product first. */
+#if HALF_KEEPS_NAN
+static inline __attribute__((always_inline)) IMPL_TARGET __m128i
+HALF_FN(negate8_)(const __m128i body, const __m128i x)
+{
+    return _mm_blendv_epi8(f16x8_round(f32x8_negate(f16x8_widen(x))), half8_negate(x), body);
+}
+static inline __attribute__((always_inline)) IMPL_TARGET __m128i
+HALF_FN(madd8_)(const __m128i body, const __m128i a, const __m256 k, const __m128i c)
+{
+    const __m256 wa = f16x8_widen(a), wc = f16x8_widen(c);
+    const __m128i vec = f16x8_round(f32x8_nan_first(wa, _mm256_fmadd_ps(wa, k, wc)));
+    const __m256 product = f16x8_widen(f16x8_round(_mm256_mul_ps(wa, k)));
+    const __m128i scalar = f16x8_round(f32x8_nan_first(wc, _mm256_add_ps(wc, product)));
+    return _mm_blendv_epi8(scalar, vec, body);
+}
+#define STEP_S __m128i
+#define STEP_LOAD(ptr, i) half8_load((ptr) + (i))
+#define STEP_STORE(ptr, i, v) half8_store((ptr) + (i), (v))
+#define STEP_LOAD_GRAD(ptr, i, inv_scale) half8_load((ptr) + (i))
+#define STEP_NEGATE(op, x) HALF_FN(negate8_)(half8_mode_mask(modes + i, op), x)
+#define STEP_MADD(op, a, k, c) HALF_FN(madd8_)(half8_mode_mask(modes + i, op), a, k, c)
+#define STEP_MUL(op, x, k) f16x8_round(_mm256_mul_ps(f16x8_widen(x), (k)))
+#else
+static inline __attribute__((always_inline)) IMPL_TARGET __m256
+HALF_FN(negate8_)(const __m256 body, const __m256 x)
+{
+    const __m256 scalar = _mm256_blendv_ps(
+        f32x8_negate(x), _mm256_castsi256_ps(_mm256_set1_epi32((int)BF16_NAN_SCALAR << 16)),
+        _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    return _mm256_blendv_ps(scalar, f32x8_negate(x), body);
+}
+static inline __attribute__((always_inline)) IMPL_TARGET __m256
+HALF_FN(madd8_)(const __m256 body, const __m256 a, const __m256 k, const __m256 c)
+{
+    const __m256 vec = bf16x8_round_in_lane(_mm256_fmadd_ps(a, k, c));
+    const __m256 product = bf16x8_round_in_lane_nan(_mm256_mul_ps(a, k), BF16_NAN_SCALAR);
+    const __m256 scalar = bf16x8_round_in_lane_nan(_mm256_add_ps(c, product), BF16_NAN_SCALAR);
+    return _mm256_blendv_ps(scalar, vec, body);
+}
+static inline __attribute__((always_inline)) IMPL_TARGET __m256
+HALF_FN(mul8_)(const __m256 body, const __m256 x, const __m256 k)
+{
+    const __m256 product = _mm256_mul_ps(x, k);
+    return _mm256_blendv_ps(bf16x8_round_in_lane_nan(product, BF16_NAN_SCALAR),
+                            bf16x8_round_in_lane(product), body);
+}
+#define STEP_S __m256
+#define STEP_LOAD(ptr, i) bf16x8_widen(half8_load((ptr) + (i)))
+#define STEP_STORE(ptr, i, v) half8_store((ptr) + (i), bf16x8_pack(v))
+#define STEP_LOAD_GRAD(ptr, i, inv_scale) bf16x8_widen(half8_load((ptr) + (i)))
+#define STEP_NEGATE(op, x) HALF_FN(negate8_)(f32x8_mode_mask(modes + i, op), x)
+#define STEP_MADD(op, a, k, c) HALF_FN(madd8_)(f32x8_mode_mask(modes + i, op), a, k, c)
+#define STEP_MUL(op, x, k) HALF_FN(mul8_)(f32x8_mode_mask(modes + i, op), x, k)
+#endif
+#define STEP_FN HALF_FN(step_strided8_)
+#define STEP_A __m256
+#define STEP_STORE_OUT(out, i, v) ((void)0)
+#include "sgd_step.h"
+#define SGD_STRIDED_VEC_STEP HALF_FN(step_strided8_)
+#endif
 #undef STEP_P
 #undef STEP_G
 
@@ -169,6 +236,7 @@ HALF_FN(mul_either_)(const int body, const uint16_t x, const float k)
 #undef SGD_STEP
 #undef SGD_STEP_TAIL
 #undef SGD_STEP_STRIDED
+#undef SGD_STRIDED_VEC_STEP
 #undef SGD_VEC_STEP
 #undef SGD_VEC_WIDTH
 #undef SGD_VEC_A

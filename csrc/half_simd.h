@@ -52,22 +52,41 @@ HALF_AVX2 __m256 f32x8_nan_first(__m256 c, __m256 r)
 }
 
 /* bfloat16 kept in float32 lanes between ops: rounded to nearest even in
- * place (low 16 bits cleared, every NaN 0xFFFF0000), packed on store. */
-HALF_AVX2 __m256 bf16x8_round_in_lane(__m256 f)
+ * place (low 16 bits cleared, every NaN nan << 16: torch's vector code's
+ * 0xFFFF, or its scalar code's 0x7FC0), packed on store. */
+HALF_AVX2 __m256 bf16x8_round_in_lane_nan(__m256 f, uint16_t nan)
 {
     const __m256i u = _mm256_castps_si256(f);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     const __m256i r = _mm256_and_si256(
         _mm256_add_epi32(_mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)), u),
         _mm256_set1_epi32((int)0xFFFF0000u));
-    const __m256 nan = _mm256_cmp_ps(f, f, _CMP_UNORD_Q);
+    const __m256 is_nan = _mm256_cmp_ps(f, f, _CMP_UNORD_Q);
     return _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(
-                                _mm256_set1_epi32((int)0xFFFF0000u)), nan);
+                                _mm256_set1_epi32((int)((uint32_t)nan << 16))), is_nan);
 }
+HALF_AVX2 __m256 bf16x8_round_in_lane(__m256 f) { return bf16x8_round_in_lane_nan(f, 0xFFFF); }
 HALF_AVX2 __m128i bf16x8_pack(__m256 f)
 {
     const __m256i r = _mm256_srli_epi32(_mm256_castps_si256(f), 16);
     return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+/* All ones in the lanes of the 8 elements at modes whose byte has a bit of
+ * op set (a strided tensor's op computed by torch's vector body), as 16-bit
+ * and as 32-bit lanes. */
+HALF_AVX2 __m128i half8_mode_mask(const uint8_t *modes, int op)
+{
+    const __m128i m = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)modes));
+    const __m128i zero = _mm_setzero_si128();
+    return _mm_andnot_si128(_mm_cmpeq_epi16(_mm_and_si128(m, _mm_set1_epi16((short)op)), zero),
+                            _mm_set1_epi16(-1));
+}
+HALF_AVX2 __m256 f32x8_mode_mask(const uint8_t *modes, int op)
+{
+    const __m256i m = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)modes));
+    return _mm256_castsi256_ps(
+        _mm256_cmpgt_epi32(_mm256_and_si256(m, _mm256_set1_epi32(op)), _mm256_setzero_si256()));
 }
 
 HALF_AVX2 __m256 f32x8_load(const float *p) { return _mm256_loadu_ps(p); }

@@ -12,7 +12,8 @@
  * and, for 16-bit dtypes:
  *   SGD_STEP_TAIL  the step of one element in torch's scalar remainder
  *   SGD_STEP_STRIDED  the step of one element whose ops round as modes[i]
- *                  says (an element of a strided tensor)
+ *                  says (an element of a strided tensor); SGD_STRIDED_VEC_STEP
+ *                  (optional) of 8 such elements, in AVX2's __m256 lanes
  *   SGD_VEC_STEP, SGD_VEC_WIDTH, SGD_VEC_A, SGD_VEC_SPLAT(x)  (optional) the
  *                  step of SGD_VEC_WIDTH elements of the vector body, its
  *                  alpha type and how a float alpha is broadcast into it.
@@ -37,6 +38,14 @@ SGD_FN_CAT(SGD_FN, _run)(SGD_T *restrict p, const SGD_T *restrict g, SGD_T *rest
     int64_t i = 0;
 #ifdef SGD_STEP_STRIDED
     if (modes) {
+#ifdef SGD_STRIDED_VEC_STEP
+        const __m256 vwd = _mm256_set1_ps(wd), vm = _mm256_set1_ps(m);
+        const __m256 vm_alpha = _mm256_set1_ps(m_alpha), vomd = _mm256_set1_ps(omd);
+        const __m256 vneg_lr = _mm256_set1_ps(neg_lr), vone = _mm256_set1_ps(1.0f);
+        for (; i + 8 <= n; i += 8)
+            SGD_STRIDED_VEC_STEP(p, g, b, NULL, modes, i, maximize, use_wd, use_momentum,
+                                 first_step, nesterov, vwd, vm, vm_alpha, vomd, vneg_lr, vone);
+#endif
         for (; i < n; i++)
             SGD_STEP_STRIDED(p, g, b, NULL, modes, i, maximize, use_wd, use_momentum,
                              first_step, nesterov, wd, m, m_alpha, omd, neg_lr, (SGD_A)1);
