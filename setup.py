@@ -58,7 +58,7 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
-C_SOURCES = ["csrc/sgd_impls.c", "csrc/driver.c"]
+C_SOURCES = ["csrc/sgd_impls.c", "csrc/driver.c", "csrc/copy.c"]
 C_HEADERS = ["csrc/fastsgd.h", "csrc/sgd_step.h", "csrc/sgd_loop.h", "csrc/master_loop.h",
              "csrc/stream_loop.h", "csrc/clip_loop.h", "csrc/average_loop.h", "csrc/sgd_instantiate.h",
              "csrc/half_instantiate.h", "csrc/half_convert.h", "csrc/half_simd.h"]

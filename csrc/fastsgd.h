@@ -158,6 +158,15 @@ void fastsgd_sgd_strided(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_
                          void *p, const void *g, void *b, int64_t n, int first,
                          const uint8_t *modes);
 
+/* Copies the strided array src into dst, both of `shape` (ndim dimensions,
+ * at most FASTSGD_MAX_DIMS) and elements of itemsize 2, 4 or 8 bytes, with
+ * byte strides; dim a is dst's fastest-varying dimension, b (!= a) src's.
+ * Reads src and writes dst, each element once, in tiles of both. */
+#define FASTSGD_MAX_DIMS 64
+void fastsgd_copy_transposing(char *dst, const int64_t *dst_strides, const char *src,
+                              const int64_t *src_strides, const int64_t *shape, int ndim,
+                              int a, int b, int itemsize);
+
 /* The roofline loop over `list`, split over threads exactly as fastsgd_sgd:
  * reads and writes the same arrays, with next to no arithmetic (the values
  * it leaves are meaningless: it is for timing only). */

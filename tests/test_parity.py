@@ -236,6 +236,37 @@ def test_functional_strided_matches_torch(capability, dtype):
         np.testing.assert_array_equal(bufs[0], tbufs[0].numpy())
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_large_staged_copies_match_reference(dtype):
+    """Staged tensors large enough for the tiled transposing copy (their
+    fastest dimension differs from their copy's), odd sizes, 3-d and
+    negative strides: params, grads and buffers as the reference steps them."""
+    dtype = np.dtype(pytest.importorskip("ml_dtypes").bfloat16 if dtype == "bfloat16"
+                     else dtype)
+    rng = np.random.default_rng(9)
+    views = [(lambda a: a.T, (130, 77)), (lambda a: a[::-1, 1:].T, (99, 141)),
+             (lambda a: a.transpose(2, 0, 1)[:, ::2], (9, 70, 33))]
+
+    def values(shape):
+        return np.asarray(rng.standard_normal(shape), np.float32).astype(dtype)
+
+    starts = [values(shape) for _, shape in views]
+    fast = [fastsgd.Parameter(view(v.copy())) for v, (view, _) in zip(starts, views)]
+    ref = [fastsgd.Parameter(view(v.copy())) for v, (view, _) in zip(starts, views)]
+    options = dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
+    opts = [fastsgd.SGD(fast, **options), reference.SGD(ref, **options)]
+    for step in range(3):
+        for p, r in zip(fast, ref):
+            g = values(p.shape)   # C order: each parameter's fastest dimension is another
+            p.grad, r.grad = (g, g.copy()) if step != 1 else (g.T.copy().T, g.T.copy().T)
+        for opt in opts:
+            opt.step()
+        for p, r in zip(fast, ref):
+            np.testing.assert_array_equal(p.view(f"u{dtype.itemsize}"), r.view(f"u{dtype.itemsize}"))
+            np.testing.assert_array_equal(opts[0].state[p]["momentum_buffer"],
+                                          opts[1].state[r]["momentum_buffer"])
+
+
 def test_one_native_call_per_group_and_dtype():
     rng = np.random.default_rng(4)
     f32 = [fastsgd.Parameter(rng.standard_normal(5).astype(np.float32)) for _ in range(20)]

@@ -55,6 +55,10 @@ cdef void sgd(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
               const fastsgd_tensor_list *lst, bint serial) noexcept nogil
 cdef void stream(const fastsgd_impl *impl, int dtype, const fastsgd_tensor_list *lst,
                  bint serial) noexcept nogil
+# csrc/fastsgd.h's fastsgd_copy_transposing
+cdef void copy_transposing(char *dst, const int64_t *dst_strides, const char *src,
+                           const int64_t *src_strides, const int64_t *shape, int ndim, int a,
+                           int b, int itemsize) noexcept nogil
 # csrc/fastsgd.h's fastsgd_sgd_strided: one strided 16-bit tensor's contiguous copies
 cdef void sgd_strided(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h, void *p,
                       const void *g, void *b, int64_t n, bint first,

@@ -31,6 +31,9 @@ cdef extern from "fastsgd.h" nogil:
                       const void **curs, const int64_t *sizes, double count)
     int fastsgd_grads_finite(const fastsgd_impl *impl, int dtype,
                              const fastsgd_tensor_list *list, int serial)
+    void fastsgd_copy_transposing(char *dst, const int64_t *dst_strides, const char *src,
+                                  const int64_t *src_strides, const int64_t *shape, int ndim,
+                                  int a, int b, int itemsize)
     void fastsgd_sgd_strided(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
                              void *p, const void *g, void *b, int64_t n, int first,
                              const uint8_t *modes)
@@ -142,6 +145,12 @@ cdef void sgd(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h,
               const fastsgd_tensor_list *lst, bint serial) noexcept nogil:
     _count_kernel_call()
     fastsgd_sgd(impl, dtype, h, lst, serial)
+
+
+cdef void copy_transposing(char *dst, const int64_t *dst_strides, const char *src,
+                           const int64_t *src_strides, const int64_t *shape, int ndim, int a,
+                           int b, int itemsize) noexcept nogil:
+    fastsgd_copy_transposing(dst, dst_strides, src, src_strides, shape, ndim, a, b, itemsize)
 
 
 cdef void sgd_strided(const fastsgd_impl *impl, int dtype, const fastsgd_sgd_hyper *h, void *p,

@@ -42,6 +42,8 @@ init_objects()
 NO_AUTOGRAD = "fastsgd has no autograd: differentiable=True is not supported"
 
 cdef Py_ssize_t _parallel_stagings = 0
+# Below this many elements numpy's own copy is as fast (the arrays fit in cache)
+cdef Py_ssize_t _TILED_COPY_MIN = 4096
 
 
 def parallel_staging_count():
@@ -669,11 +671,11 @@ cdef class GroupPlan:
             if staging is None or staging.param is None:
                 continue
             if staging.kernel_param is not staging.param:
-                cnp.PyArray_CopyInto(staging.kernel_param, staging.param)
+                _copy_into(staging.kernel_param, staging.param)
             if staging.kernel_grad is not staging.grad:
-                cnp.PyArray_CopyInto(staging.kernel_grad, staging.grad)
+                _copy_into(staging.kernel_grad, staging.grad)
             if staging.kernel_buf is not staging.buf:
-                cnp.PyArray_CopyInto(staging.kernel_buf, staging.buf)
+                _copy_into(staging.kernel_buf, staging.buf)
         return 0
 
     cdef int scatter(self) except -1:
@@ -686,9 +688,9 @@ cdef class GroupPlan:
             if staging is None or staging.param is None:
                 continue
             if staging.kernel_param is not staging.param:
-                cnp.PyArray_CopyInto(staging.param, staging.kernel_param)
+                _copy_into(staging.param, staging.kernel_param)
             if staging.kernel_buf is not staging.buf:
-                cnp.PyArray_CopyInto(staging.buf, staging.kernel_buf)
+                _copy_into(staging.buf, staging.kernel_buf)
         self.end_staging()
         return 0
 
@@ -827,6 +829,36 @@ cdef int _by_low(const void *a, const void *b) noexcept nogil:
     cdef char *a_low = (<Span *>a).low
     cdef char *b_low = (<Span *>b).low
     return -1 if a_low < b_low else 1 if a_low > b_low else 0
+
+
+cdef int _fastest(cnp.ndarray a) noexcept:
+    """a's fastest-varying dimension (the smallest stride of a dimension
+    longer than 1), or -1."""
+    cdef int d, best = -1
+    cdef Py_ssize_t stride, best_stride = 0
+    for d in range(cnp.PyArray_NDIM(a)):
+        stride = abs(cnp.PyArray_STRIDE(a, d))
+        if cnp.PyArray_DIM(a, d) > 1 and (best < 0 or stride < best_stride):
+            best, best_stride = d, stride
+    return best
+
+
+cdef int _copy_into(object dst, object src) except -1:
+    """dst[...] = src between a staged array and its copy (same shape and
+    dtype): tiled when their fastest dimensions differ (a transposed grad,
+    say), where numpy's copy takes a cache miss per element."""
+    cdef cnp.ndarray d = <cnp.ndarray>dst
+    cdef cnp.ndarray s = <cnp.ndarray>src
+    cdef int a = _fastest(d), b = _fastest(s)
+    if a < 0 or b < 0 or a == b or cnp.PyArray_SIZE(d) < _TILED_COPY_MIN:
+        cnp.PyArray_CopyInto(d, s)
+        return 0
+    with nogil:
+        kernels.copy_transposing(<char *>cnp.PyArray_DATA(d), <int64_t *>cnp.PyArray_STRIDES(d),
+                                 <char *>cnp.PyArray_DATA(s), <int64_t *>cnp.PyArray_STRIDES(s),
+                                 <int64_t *>cnp.PyArray_DIMS(d), cnp.PyArray_NDIM(d), a, b,
+                                 <int>cnp.PyArray_ITEMSIZE(d))
+    return 0
 
 
 cdef object _copy_for(object copy, object template):
