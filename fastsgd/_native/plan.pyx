@@ -837,7 +837,8 @@ cdef int _fastest(cnp.ndarray a) noexcept:
     cdef int d, best = -1
     cdef Py_ssize_t stride, best_stride = 0
     for d in range(cnp.PyArray_NDIM(a)):
-        stride = abs(cnp.PyArray_STRIDE(a, d))
+        stride = cnp.PyArray_STRIDE(a, d)
+        stride = -stride if stride < 0 else stride  # (abs() would make Python ints)
         if cnp.PyArray_DIM(a, d) > 1 and (best < 0 or stride < best_stride):
             best, best_stride = d, stride
     return best
