@@ -101,7 +101,9 @@ for dtype in (np.float32, np.float64, np.float16, ml_dtypes.bfloat16):
     strided = [fastsgd.Parameter(base[..., 0]), fastsgd.Parameter(base[::2, ::-3, 1]),
                fastsgd.Parameter(rng.standard_normal((7, 5)).astype(dtype).T),
                fastsgd.Parameter(np.zeros((0, 4), dtype)[:, ::2]),
-               fastsgd.Parameter(rng.standard_normal((3, 70)).astype(dtype)[:, 1:])]
+               fastsgd.Parameter(rng.standard_normal((3, 70)).astype(dtype)[:, 1:]),
+               # large enough for the tiled copy (a grad in the other order, step 1)
+               fastsgd.Parameter(rng.standard_normal((90, 100)).astype(dtype)[::-1, ::2])]
     opt = fastsgd.SGD(strided, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)
     for step in range(3):
         for p in strided:
