@@ -20,9 +20,9 @@ cimport numpy as cnp
 from cpython.dict cimport PyDict_Check, PyDict_GetItem
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.mem cimport PyMem_Free
-from cpython.object cimport PyObject
+from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
-from libc.stdint cimport int64_t, uint8_t
+from libc.stdint cimport int64_t, intptr_t, uint8_t
 
 from fastsgd._native cimport kernels
 from fastsgd._native.batch cimport grow
@@ -32,6 +32,48 @@ from fastsgd._native.rules cimport check_step_alphas, flag_option, option, read_
 
 cnp.import_array()  # for rules.pxd's option readers
 
+cdef extern from *:
+    """
+    /* d[key] (borrowed, or NULL) for a key whose hash is known, without
+       calling the key's __hash__; Pythons without the call hash it. */
+    static PyObject *fastsgd_get_known_hash(PyObject *d, PyObject *key, Py_hash_t hash) {
+    #if PY_VERSION_HEX < 0x030E0000
+        PyObject *found = _PyDict_GetItem_KnownHash(d, key, hash);
+        if (found == NULL) PyErr_Clear();
+        return found;
+    #else
+        (void)hash;
+        return PyDict_GetItem(d, key);
+    #endif
+    }
+    /* whether o's type finds attributes the default way */
+    static int fastsgd_generic_getattr(PyObject *o) {
+        return Py_TYPE(o)->tp_getattro == PyObject_GenericGetAttr;
+    }
+    """
+    PyObject *fastsgd_get_known_hash(object d, object key, Py_hash_t hash)
+    bint fastsgd_generic_getattr(object o)
+
+ctypedef object (*_noargs)(object, PyObject *)
+ctypedef object (*_with_keywords)(object, object, PyObject *)
+
+cdef extern from "Python.h":
+    ctypedef object (*getter)(object, void *)
+    ctypedef struct PyGetSetDef:
+        getter get
+        void *closure
+    ctypedef struct PyGetSetDescrObject:
+        PyGetSetDef *d_getset
+    ctypedef struct PyMethodDef:
+        void *ml_meth
+        int ml_flags
+    ctypedef struct PyMethodDescrObject:
+        PyMethodDef *d_method
+    enum:
+        METH_NOARGS
+        METH_VARARGS
+        METH_KEYWORDS
+
 # the kernel's dtype code of each torch dtype it steps
 _DTYPE_CODES = {torch.float32: FASTSGD_F32, torch.float64: FASTSGD_F64,
                 torch.float16: FASTSGD_F16, torch.bfloat16: FASTSGD_BF16}
@@ -40,6 +82,84 @@ _STRIDED = torch.strided
 _Tensor = torch.Tensor
 _empty_like = torch.empty_like
 _increment_version = torch.autograd.graph.increment_version
+# torch's Tensor.__hash__ is Python code returning id(self): 150 ns a call, the
+# price of each optimizer.state[p].  A parameter whose type still hashes with
+# it is looked up with that hash known (its address, as id() and hash() make
+# it), which finds the same entry without running it.
+_TENSOR_HASH = _Tensor.__hash__
+_probe = _Tensor()
+if hash(_probe) != <Py_hash_t><intptr_t><PyObject *>_probe:
+    _TENSOR_HASH = object()  # another torch's hash: every lookup hashes
+del _probe
+
+
+# A step's reads of each tensor (p.grad, grad.dtype, ...) are torch's C
+# functions called through Python's attribute lookup, which costs as much
+# again.  For a tensor whose type resolves these names to TensorBase's own
+# getters and methods (checked per type, each step), _Reads calls them
+# directly: the same C functions on the same objects, without the lookup.
+cdef object _BASE = torch._C.TensorBase
+cdef PyGetSetDef *_GRAD = (<PyGetSetDescrObject *>_BASE.__dict__["grad"]).d_getset
+cdef PyGetSetDef *_DTYPE = (<PyGetSetDescrObject *>_BASE.__dict__["dtype"]).d_getset
+cdef PyGetSetDef *_SHAPE = (<PyGetSetDescrObject *>_BASE.__dict__["shape"]).d_getset
+cdef PyMethodDef *_DATA_PTR = (<PyMethodDescrObject *>_BASE.__dict__["data_ptr"]).d_method
+cdef PyMethodDef *_IS_CONTIGUOUS = (<PyMethodDescrObject *>_BASE.__dict__["is_contiguous"]).d_method
+cdef tuple _NO_ARGS = ()
+_DIRECT_NAMES = ("grad", "dtype", "shape", "data_ptr", "is_contiguous")
+cdef bint _DIRECT_OK = (_DATA_PTR.ml_flags == METH_NOARGS
+                        and _IS_CONTIGUOUS.ml_flags == METH_VARARGS | METH_KEYWORDS)
+
+
+cdef bint _reads_directly(object t):
+    """Whether t's type resolves every name _Reads calls to TensorBase's own."""
+    cls = type(t)
+    if not _DIRECT_OK or not fastsgd_generic_getattr(t):
+        return False
+    for name in _DIRECT_NAMES:
+        if getattr(cls, name, None) is not _BASE.__dict__[name]:
+            return False
+    return True
+
+
+cdef class _Reads:
+    """t.grad, t.dtype, t.shape, t.data_ptr(), t.is_contiguous() of tensors,
+    called directly for the types that allow it (see above)."""
+    cdef PyTypeObject *direct[2]  # types checked this step
+
+    cdef inline void forget(self) noexcept:
+        self.direct[0] = self.direct[1] = NULL
+
+    cdef inline bint is_direct(self, object t):
+        cdef PyTypeObject *cls = Py_TYPE(t)
+        if cls == self.direct[0] or cls == self.direct[1]:
+            return True
+        if not _reads_directly(t):
+            return False
+        self.direct[1] = self.direct[0]
+        self.direct[0] = cls
+        return True
+
+    cdef inline object grad(self, object t):
+        return _GRAD.get(t, _GRAD.closure) if self.is_direct(t) else t.grad
+
+    cdef inline object dtype(self, object t):
+        return _DTYPE.get(t, _DTYPE.closure) if self.is_direct(t) else t.dtype
+
+    cdef inline object shape(self, object t):
+        return _SHAPE.get(t, _SHAPE.closure) if self.is_direct(t) else t.shape
+
+    cdef inline int64_t data_ptr(self, object t) except? -1:
+        if self.is_direct(t):
+            return (<_noargs>_DATA_PTR.ml_meth)(t, NULL)
+        return t.data_ptr()
+
+    cdef inline bint is_contiguous(self, object t) except -1:
+        if self.is_direct(t):
+            return (<_with_keywords>_IS_CONTIGUOUS.ml_meth)(t, _NO_ARGS, NULL)
+        return t.is_contiguous()
+
+
+cdef _Reads _reads = _Reads()
 
 UNSUPPORTED_DTYPE = ("fastsgd.torch.SGD steps float32, float64, float16 and bfloat16 "
                      "parameters")
@@ -233,6 +353,7 @@ cdef class _Group:
         cdef int64_t gdata
         cdef _Lists lists
         cdef PyObject *found
+        cdef PyTypeObject *id_hashed = NULL  # a type checked to hash as Tensor does
         cdef bint buf_is_new
         self.grads = []
         self.stepped = []
@@ -242,18 +363,19 @@ cdef class _Group:
             lists.count = 0
         for i in range(n):
             p = <object>PyTuple_GET_ITEM(self.params, i)
-            grad = p.grad
+            grad = _reads.grad(p)
             if grad is None:
                 continue
-            if self.data[i] == 0 or p.data_ptr() != self.data[i]:
+            if self.data[i] == 0 or _reads.data_ptr(p) != self.data[i]:
                 moved[0] |= self.read_param(i, p, g)
             moved[0] |= not self.in_spans[i]
             try:
                 # a sparse grad raises in is_contiguous(), a grad off the CPU
                 # (its device is checked when assigned) has no data pointer
-                ok = (<PyObject *>grad.dtype == PyList_GET_ITEM(self.dtypes, i)
-                      and grad.is_contiguous() and grad.shape == self.shapes[i])
-                gdata = grad.data_ptr() if ok else 0
+                grad_dtype = _reads.dtype(grad)
+                ok = (<PyObject *>grad_dtype == PyList_GET_ITEM(self.dtypes, i)
+                      and _reads.is_contiguous(grad) and _reads.shape(grad) == self.shapes[i])
+                gdata = _reads.data_ptr(grad) if ok else 0
             except RuntimeError:
                 ok = False
             if not ok or gdata == 0:
@@ -270,7 +392,12 @@ cdef class _Group:
             buf_is_new = False
             if self.with_momentum:
                 buf = None
-                found = PyDict_GetItem(state, p)
+                if (Py_TYPE(p) == id_hashed
+                        or getattr(type(p), "__hash__", None) is _TENSOR_HASH):
+                    id_hashed = Py_TYPE(p)
+                    found = fastsgd_get_known_hash(state, p, <Py_hash_t><intptr_t><PyObject *>p)
+                else:
+                    found = PyDict_GetItem(state, p)
                 if found != NULL:
                     param_state = <object>found
                     if not PyDict_Check(param_state):
@@ -402,6 +529,7 @@ cdef class TensorStepper:
             self.groups.append(_Group())
         del self.groups[n:]
         cdef _Group group
+        _reads.forget()  # types are checked afresh each step
         # a refused step leaves the spans unchecked: the next one checks them
         self.spans_valid = False
         for g in range(n):
