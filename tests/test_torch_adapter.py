@@ -248,18 +248,16 @@ def test_refuses_differentiable_and_fused():
     refused(opt, RuntimeError, "requires grad")
 
 
-def test_refuses_non_contiguous_parameter_by_name():
+def test_refuses_strided_half_parameter_by_name():
     params, opt = stepped_pair()
-    strided = torch.nn.Parameter(torch.randn(5, 4).t())
-    strided.grad = torch.randn(4, 5)
+    strided = torch.nn.Parameter(torch.randn(5, 4, dtype=torch.float16).t())
+    strided.grad = torch.randn(4, 5, dtype=torch.float16)
     opt.add_param_group({"params": [strided]})
     refused(opt, RuntimeError, r"param_groups\[1\]\['params'\]\[0\].*not contiguous")
 
 
-def test_refuses_sparse_and_non_contiguous_grads():
+def test_refuses_sparse_grads():
     params, opt = stepped_pair()
-    params[2].grad = torch.randn(5, 4).t()
-    refused(opt, RuntimeError, r"\['params'\]\[2\]: its grad is not contiguous")
     params[2].grad = torch.randn(4, 5).to_sparse()
     refused(opt, RuntimeError, r"\['params'\]\[2\]: its grad is torch.sparse_coo")
 

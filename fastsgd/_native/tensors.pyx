@@ -28,7 +28,9 @@ from fastsgd._native cimport kernels
 from fastsgd._native.batch cimport grow
 from fastsgd._native.kernels cimport (FASTSGD_BF16, FASTSGD_F16, FASTSGD_F32, FASTSGD_F64,
                                       FASTSGD_NDTYPES, fastsgd_impl, fastsgd_tensor_list)
-from fastsgd._native.rules cimport check_step_alphas, flag_option, option, read_hyper, where
+from fastsgd._native.plan cimport GroupPlan
+from fastsgd._native.rules cimport (check_step_alphas, check_tensor, flag_option, option,
+                                    read_hyper, where)
 
 cnp.import_array()  # for rules.pxd's option readers
 
@@ -165,8 +167,22 @@ UNSUPPORTED_DTYPE = ("fastsgd.torch.SGD steps float32, float64, float16 and bflo
                      "parameters")
 
 
+STRIDED_HALF = ("fastsgd.torch.SGD steps float16 and bfloat16 tensors contiguous only: torch "
+                "rounds strided 16-bit tensors differently from contiguous ones")
+
+
+cdef int _check_layout(object t, str name, str what) except -1:
+    """A non-contiguous tensor is stepped through contiguous copies (see
+    _Group.stage_strided), for float32 and float64 only."""
+    if t.dtype.itemsize == 2 and not t.is_contiguous():
+        raise RuntimeError(f"{name}: {what} is not contiguous (strides {t.stride()}): "
+                           f"{STRIDED_HALF}")
+    return 0
+
+
 cdef int _check_param(object p, str name) except -1:
-    """The rules of a parameter: a dense contiguous CPU tensor of a kernel dtype."""
+    """The rules of a parameter: a dense CPU tensor of a kernel dtype,
+    contiguous if 16-bit."""
     if not isinstance(p, _Tensor):
         raise TypeError(f"{name}: optimizer can only optimize Tensors, but got "
                         f"{type(p).__name__}")
@@ -178,16 +194,13 @@ cdef int _check_param(object p, str name) except -1:
                            f"parameter is on {p.device}; use torch.optim.SGD for it")
     if p.dtype not in _DTYPE_CODES:
         raise TypeError(f"{name}: {UNSUPPORTED_DTYPE}, but the parameter is {p.dtype}")
-    if not p.is_contiguous():
-        raise RuntimeError(f"{name}: fastsgd.torch.SGD steps contiguous tensors, but the "
-                           f"parameter is not contiguous (strides {p.stride()}); use "
-                           f"torch.optim.SGD for it, or a contiguous parameter")
+    _check_layout(p, name, "the parameter")
     return 0
 
 
 cdef int _check_like(object p, object t, str name, str what) except -1:
-    """The rules of a grad or buffer t of parameter p: a dense contiguous CPU
-    tensor of p's dtype and shape."""
+    """The rules of a grad or buffer t of parameter p: a dense CPU tensor of
+    p's dtype and shape, contiguous if 16-bit."""
     if not isinstance(t, _Tensor):
         raise TypeError(f"{name}: its {what} must be a Tensor, but got {type(t).__name__}")
     if t.layout is not _STRIDED:
@@ -200,10 +213,20 @@ cdef int _check_like(object p, object t, str name, str what) except -1:
     if t.shape != p.shape:
         raise RuntimeError(f"{name}: its {what} has shape {tuple(t.shape)}, the parameter "
                            f"{tuple(p.shape)}")
-    if not t.is_contiguous():
-        raise RuntimeError(f"{name}: its {what} is not contiguous (strides {t.stride()}); "
-                           f"fastsgd.torch.SGD steps contiguous tensors")
+    _check_layout(t, name, f"its {what}")
     return 0
+
+
+cdef tuple _extent(object t):
+    """The bytes t's elements occupy, (start, end) (torch strides are not
+    negative)."""
+    start = t.data_ptr()
+    if t.numel() == 0:
+        return start, start
+    reach = t.element_size()
+    for size, stride in zip(t.shape, t.stride()):
+        reach += stride * (size - 1) * t.element_size()
+    return start, start + reach
 
 
 cdef class _Lists:
@@ -270,9 +293,19 @@ cdef class _Group:
     cdef list stepped  # the parameters this step writes
     cdef list later_buffers  # the existing buffers it updates
     cdef list new_buffers  # [(parameter, buffer)] it creates
+    cdef uint8_t *strided  # per parameter: not contiguous when checked
+    # this step's tensors stepped through contiguous copies, [(position,
+    # parameter, grad, buffer or None)], and the numpy path's plan that stages
+    # them (plan.pyx: the copies are kept across steps)
+    cdef list staged
+    cdef GroupPlan plan
+    cdef dict options  # the group, for the plan
+    cdef list staged_new_buffers  # [(torch buffer, its position in staged)] they create
 
     def __cinit__(self):
         self.lists = tuple(_Lists() for _ in range(FASTSGD_NDTYPES))
+        self.staged = []
+        self.staged_new_buffers = []
 
     def __dealloc__(self):
         PyMem_Free(self.data)
@@ -281,6 +314,7 @@ cdef class _Group:
         PyMem_Free(self.sizes)
         PyMem_Free(self.codes)
         PyMem_Free(self.grad_spans)
+        PyMem_Free(self.strided)
 
     cdef bint cache_holds(self, list params):
         if params is not self.params_list or PyList_GET_SIZE(params) != len(self.params):
@@ -301,11 +335,13 @@ cdef class _Group:
             self.sizes = <int64_t *>grow(self.sizes, n * sizeof(int64_t))
             self.codes = <int *>grow(self.codes, n * sizeof(int))
             self.grad_spans = <int64_t *>grow(self.grad_spans, 3 * n * sizeof(int64_t))
+            self.strided = <uint8_t *>grow(self.strided, n * sizeof(uint8_t))
             self.capacity = n
         cdef Py_ssize_t i
         for i in range(n):
             self.data[i] = 0
             self.in_spans[i] = False
+            self.strided[i] = False
         self.params = tuple(params)
         self.shapes = [None] * n
         self.dtypes = [None] * n
@@ -323,6 +359,7 @@ cdef class _Group:
         self.dtypes[i] = p.dtype
         self.sizes[i] = p.numel()
         self.shapes[i] = p.shape
+        self.strided[i] = not p.is_contiguous()
         cdef int64_t data = p.data_ptr()
         cdef bint moved = self.data[i] != data
         self.data[i] = data
@@ -359,6 +396,8 @@ cdef class _Group:
         self.stepped = []
         self.later_buffers = []
         self.new_buffers = []
+        self.staged = []
+        self.options = group
         for lists in self.lists:
             lists.count = 0
         for i in range(n):
@@ -378,20 +417,15 @@ cdef class _Group:
                 gdata = _reads.data_ptr(grad) if ok else 0
             except RuntimeError:
                 ok = False
-            if not ok or gdata == 0:
+            staged = self.strided[i]
+            if not ok or gdata == 0 or staged:
                 # the parameter may have changed in place
                 moved[0] |= self.read_param(i, p, g)
                 _check_like(p, grad, where(g, i), "grad")
                 gdata = grad.data_ptr()
-            code = self.codes[i]
-            self.grad_spans[3 * k] = gdata
-            self.grad_spans[3 * k + 1] = gdata + self.sizes[i] * _ITEMSIZES[code]
-            self.grad_spans[3 * k + 2] = i
-            k += 1
-            lists = <_Lists>PyTuple_GET_ITEM(self.lists, code)
-            buf_is_new = False
+                staged = self.strided[i] or not grad.is_contiguous()
+            buf = None
             if self.with_momentum:
-                buf = None
                 if (Py_TYPE(p) == id_hashed
                         or getattr(type(p), "__hash__", None) is _TENSOR_HASH):
                     id_hashed = Py_TYPE(p)
@@ -406,6 +440,31 @@ cdef class _Group:
                     found = PyDict_GetItem(param_state, "momentum_buffer")
                     if found != NULL:
                         buf = <object>found
+                if buf is not None and <PyObject *>buf != PyList_GET_ITEM(self.buffers, i):
+                    _check_like(p, buf, where(g, i), "momentum buffer")
+                    if staged or not buf.is_contiguous():
+                        staged = True
+                        self.buffers[i] = None  # checked afresh while staged
+                    else:
+                        self.buffers[i] = buf
+                        self.buffer_data[i] = buf.data_ptr()
+                        moved[0] = True
+            if staged:
+                self.staged.append((i, p, grad, buf))
+                self.stepped.append(p)
+                in_use |= 1 << self.codes[i]
+                if buf is not None:
+                    later |= 1 << self.codes[i]
+                moved[0] = True  # its memory is checked afresh each step
+                continue
+            code = self.codes[i]
+            self.grad_spans[3 * k] = gdata
+            self.grad_spans[3 * k + 1] = gdata + self.sizes[i] * _ITEMSIZES[code]
+            self.grad_spans[3 * k + 2] = i
+            k += 1
+            lists = <_Lists>PyTuple_GET_ITEM(self.lists, code)
+            buf_is_new = False
+            if self.with_momentum:
                 if buf is None:
                     # torch: buf = grad.detach().clone(); the kernel fills it
                     buf = _empty_like(grad, requires_grad=False)
@@ -413,11 +472,6 @@ cdef class _Group:
                     self.new_buffers.append((p, buf))
                     lists.bufs[lists.count] = <void *><int64_t>buf.data_ptr()
                 else:
-                    if <PyObject *>buf != PyList_GET_ITEM(self.buffers, i):
-                        _check_like(p, buf, where(g, i), "momentum buffer")
-                        self.buffers[i] = buf
-                        self.buffer_data[i] = buf.data_ptr()
-                        moved[0] = True
                     self.later_buffers.append(buf)
                     later |= 1 << code
                     lists.bufs[lists.count] = <void *>self.buffer_data[i]
@@ -445,17 +499,60 @@ cdef class _Group:
                 if lst[d].ntensors:
                     kernels.sgd(impl, d, &self.hyper, &lst[d], False)
 
+    cdef int stage_strided(self, Py_ssize_t g) except -1:
+        """Stage the tensors that are not contiguous as fastsgd.SGD stages
+        strided numpy arrays, through numpy views of their memory: the
+        numpy path's rules (written tensors that overlap themselves are
+        refused) and copies.  Run once every group's memory is checked, so
+        that no two tensors of the step share memory."""
+        if not self.staged:
+            return 0
+        if self.plan is None:
+            self.plan = GroupPlan()
+        params, grads, buffers = [], [], []
+        del self.staged_new_buffers[:]
+        for k, (i, p, grad, buf) in enumerate(self.staged):
+            arrays = (p.detach().numpy(), grad.detach().numpy(),
+                      buf.detach().numpy() if buf is not None else None)
+            try:
+                check_tensor(arrays[0], arrays[1], arrays[2], g, i)
+            except ValueError as error:
+                raise RuntimeError(str(error)) from None
+            params.append(arrays[0])
+            grads.append(arrays[1])
+            buffers.append(arrays[2])
+            if self.with_momentum and buf is None:
+                self.staged_new_buffers.append((_new_buffer(p, grad, self.options), k))
+        self.plan.prepare_lists(params, grads, buffers, self.options)
+        return 0
+
+    cdef int run_staged(self) except -1:
+        if self.staged:
+            self.plan.gather()
+            self.plan.run(False, 1.0)
+            self.plan.scatter()
+            self.plan.clear_batches()
+        return 0
+
     cdef int commit(self, object state) except -1:
         """Store the new buffers and bump the parameters' version counters,
         as torch's in-place add_ does."""
         for p, buf in self.new_buffers:
             state[p]["momentum_buffer"] = buf  # makes state[p], as torch's step does
+        if self.staged_new_buffers:
+            # the plan made numpy buffers; torch's are laid out as its step makes them
+            made = {k: array for k, array in self.plan.new_buffers}
+            for buf, k in self.staged_new_buffers:
+                cnp.PyArray_CopyInto(buf.numpy(), made[k])
+                state[self.staged[k][1]]["momentum_buffer"] = buf
+            del self.staged_new_buffers[:]
         if self.stepped:
             # the parameters', which autograd checks when a graph saved them
             # (buffers, which no graph holds, are left: bumping them would
             # cost as much again)
             _increment_version(self.stepped)
         self.grads = self.stepped = self.later_buffers = self.new_buffers = None
+        self.staged = []
         return 0
 
 
@@ -463,6 +560,16 @@ DIFFERENTIABLE = ("fastsgd.torch.SGD does not support differentiable=True: use "
                   "torch.optim.SGD to differentiate through the step")
 FUSED = ("fastsgd.torch.SGD runs fastsgd's kernel: fused=True asks for torch's fused "
          "kernel, which torch.optim.SGD(fused=True) runs")
+
+
+cdef object _new_buffer(object p, object grad, dict group):
+    """An uninitialised momentum buffer laid out as torch's step makes it:
+    buf = clone(d_p), where d_p is -grad with maximize and adds
+    weight_decay * p (an op whose output follows its inputs' strides)."""
+    d_p = grad.neg() if group.get("maximize") else grad
+    if group.get("weight_decay"):
+        d_p = d_p.add(p)
+    return _empty_like(d_p, requires_grad=False)
 
 
 cdef int _check_tensor_option(dict group, str key, Py_ssize_t g) except -1:
@@ -541,9 +648,18 @@ cdef class TensorStepper:
         if moved:
             self.check_memory()
         self.check_grads()
+        try:
+            for g in range(n):
+                (<_Group>self.groups[g]).stage_strided(g)
+        except BaseException:
+            for group in self.groups:
+                if group.plan is not None:
+                    group.plan.reset(0)
+            raise
         self.spans_valid = True
         for group in self.groups:
             group.run()
+            group.run_staged()
         for group in self.groups:
             group.commit(state)
         return 0
@@ -572,6 +688,12 @@ cdef class TensorStepper:
                 if group.with_momentum and group.buffers[i] is not None:
                     spans.append((group.buffer_data[i], group.buffer_data[i] + nbytes,
                                   f"the momentum buffer of {where(g, i)}"))
+            for i, p, grad, buf in group.staged:
+                # their extents: two views interleaving in one tensor count as sharing
+                group.in_spans[i] = True
+                spans.append(_extent(p) + (where(g, i),))
+                if buf is not None:
+                    spans.append(_extent(buf) + (f"the momentum buffer of {where(g, i)}",))
         found = _overlap(spans)
         if found is not None:
             raise RuntimeError(f"{found[0]} and {found[1]} share memory: fastsgd.torch.SGD "
@@ -588,29 +710,34 @@ cdef class TensorStepper:
         """Refuse a grad sharing memory with a parameter or buffer: the kernel
         would read it while another tensor's update writes it."""
         cdef _Group group
-        cdef Py_ssize_t g, k, lo, hi, mid
-        cdef int64_t start, end
+        cdef Py_ssize_t g, k
         for g, group in enumerate(self.groups):
             for k in range(len(group.grads)):
-                start = group.grad_spans[3 * k]
-                end = group.grad_spans[3 * k + 1]
-                if end <= start:
-                    continue
-                # the first span ending after start
-                lo, hi = 0, self.nspans
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    if self.spans[2 * mid + 1] <= start:
-                        lo = mid + 1
-                    else:
-                        hi = mid
-                if lo < self.nspans and self.spans[2 * lo] < end:
-                    # the spans may be stale (a parameter without grad moved): read afresh
-                    if any(s < end and start < e for s, e in self.spans_now()):
-                        raise RuntimeError(
-                            f"{where(g, group.grad_spans[3 * k + 2])}: its grad shares "
-                            f"memory with a parameter or momentum buffer: fastsgd.torch.SGD "
-                            f"steps tensors that share no memory")
+                self.check_grad(group.grad_spans[3 * k], group.grad_spans[3 * k + 1], g,
+                                group.grad_spans[3 * k + 2])
+            for i, p, grad, buf in group.staged:
+                start, end = _extent(grad)
+                self.check_grad(start, end, g, i)
+        return 0
+
+    cdef int check_grad(self, int64_t start, int64_t end, Py_ssize_t g,
+                        Py_ssize_t i) except -1:
+        if end <= start:
+            return 0
+        # the first span ending after start
+        cdef Py_ssize_t lo = 0, hi = self.nspans, mid
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.spans[2 * mid + 1] <= start:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < self.nspans and self.spans[2 * lo] < end:
+            # the spans may be stale (a parameter without grad moved): read afresh
+            if any(s < end and start < e for s, e in self.spans_now()):
+                raise RuntimeError(
+                    f"{where(g, i)}: its grad shares memory with a parameter or momentum "
+                    f"buffer: fastsgd.torch.SGD steps tensors that share no memory")
         return 0
 
     cdef list spans_now(self):
@@ -618,7 +745,7 @@ cdef class TensorStepper:
         spans = []
         cdef _Group group
         for group in self.groups:
-            for t in group.stepped + group.later_buffers:
-                start = t.data_ptr()
-                spans.append((start, start + t.nbytes))
+            staged_buffers = [buf for _, _, _, buf in group.staged if buf is not None]
+            for t in group.stepped + group.later_buffers + staged_buffers:
+                spans.append(_extent(t))
         return spans

@@ -1,0 +1,255 @@
+"""fastsgd.torch.SGD on non-contiguous tensors (stepped through the numpy path's staged
+copies) and the step's fast reads (state looked up by a known hash, torch's getters
+called directly), against torch.optim.SGD(foreach=False): the same bits, the same
+buffer layouts, and the same refusals."""
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from test_torch_adapter import OPTIONS, refused, stepped_pair  # noqa: E402
+
+import fastsgd.torch  # noqa: E402
+
+
+def strided_tensors(dtype):
+    """(parameters, grad makers): every parameter or grad layout torch can express that
+    is not contiguous, the bases the views come from kept in the parameters' views."""
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    params = [
+        randn(8, 6).t(),                       # transposed
+        randn(5, 12)[:, ::3],                  # a step
+        randn(4, 6, 2)[..., 0],                # [..., 0]
+        randn(3, 4, 5).permute(2, 0, 1),       # a permutation, neither C nor F order
+        randn(5, 10)[:, :0],                   # zero-size view
+        randn(7, 9)[1:6, 2:8],                 # a window
+        randn(5, 4),                           # contiguous, with strided grads below
+        randn(4, 5),                           # contiguous, with a broadcast grad
+        randn(4, 5),                           # contiguous, its buffer transposed
+    ]
+    params = [torch.nn.Parameter(p) for p in params]
+    shapes = [tuple(p.shape) for p in params]
+    makers = [
+        lambda s, sh=shapes[0]: randn(*sh[::-1]).t() if s % 2 else randn(*sh),
+        lambda s, sh=shapes[1]: randn(*sh),
+        lambda s, sh=shapes[2]: randn(sh[0], sh[1], 3)[..., 1],
+        lambda s, sh=shapes[3]: randn(4, 5, 3).permute(1, 2, 0) if s % 2 else randn(*sh),
+        lambda s, sh=shapes[4]: randn(*sh),
+        lambda s, sh=shapes[5]: randn(*sh).t().contiguous().t(),
+        lambda s, sh=shapes[6]: randn(5, 8)[:, ::2] if s < 2 else randn(*sh),
+        lambda s, sh=shapes[7]: randn(1, 5).expand(*sh),
+        lambda s, sh=shapes[8]: randn(*sh[::-1]).t() if s == 0 else randn(*sh),
+    ]
+    return params, makers
+
+
+def run_both(make, options, steps=4, between=None):
+    """The same parameters and grads stepped by torch and by fastsgd.torch."""
+    runs = []
+    for cls, extra in ((torch.optim.SGD, {"foreach": False}), (fastsgd.torch.SGD, {})):
+        params, makers = make()
+        opt = cls(params, **options, **extra)
+        for step in range(steps):
+            for p, grad_of in zip(params, makers):
+                p.grad = grad_of(step)
+            opt.step()
+            if between is not None:
+                opt = between(opt, step)
+        runs.append((params, opt))
+    return runs
+
+
+def assert_same_run(runs):
+    (params_t, opt_t), (params_f, opt_f) = runs
+    for p, q in zip(params_t, params_f):
+        assert torch.equal(p, q) and p.stride() == q.stride()
+        assert p._version == q._version
+        # the views' bases hold the same numbers: nothing written outside the views
+        assert torch.equal(p._base, q._base) if p._base is not None else q._base is None
+        assert opt_t.state[p].keys() == opt_f.state[q].keys()
+        if "momentum_buffer" in opt_t.state[p]:
+            a, b = opt_t.state[p]["momentum_buffer"], opt_f.state[q]["momentum_buffer"]
+            assert torch.equal(a, b)
+            assert a.stride() == b.stride() and not b.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+def test_strided_tensors_as_torch(dtype, options):
+    assert_same_run(run_both(lambda: strided_tensors(dtype), options))
+
+
+@pytest.mark.parametrize("direction", ["torch to fastsgd", "fastsgd to torch"])
+def test_strided_state_dict_crosses_both_ways(direction):
+    options = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-2}
+    classes = [torch.optim.SGD, fastsgd.torch.SGD]
+    if direction == "fastsgd to torch":
+        classes.reverse()
+
+    def swap(opt, step):
+        if step != 1:
+            return opt
+        saved = copy.deepcopy(opt.state_dict())
+        other = classes[1] if isinstance(opt, classes[0]) else classes[0]
+        params = [p for group in opt.param_groups for p in group["params"]]
+        new = other(params, **options, **({"foreach": False} if other is torch.optim.SGD
+                                            else {}))
+        new.load_state_dict(saved)
+        return new
+
+    reference = run_both(lambda: strided_tensors(torch.float32), options)[0]
+    params, makers = strided_tensors(torch.float32)
+    opt = classes[0](params, **options)
+    for step in range(4):
+        for p, grad_of in zip(params, makers):
+            p.grad = grad_of(step)
+        opt.step()
+        opt = swap(opt, step)
+    assert_same_run([reference, (params, opt)])
+
+
+def test_channels_last_convolution_as_torch():
+    """A real module whose weights are not contiguous: a channels-last conv net, whose
+    grads autograd lays out as the weights."""
+    x = torch.randn(4, 3, 10, 10).to(memory_format=torch.channels_last)
+    models, opts = [], []
+    for cls, extra in ((torch.optim.SGD, {"foreach": False}), (fastsgd.torch.SGD, {})):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
+                                    torch.nn.Conv2d(8, 4, 3)).to(memory_format=torch.channels_last)
+        models.append(model)
+        opts.append(cls(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, **extra))
+    assert not models[1][0].weight.is_contiguous()
+    for _ in range(4):
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(p, q) and p.stride() == q.stride()
+        a, b = opts[0].state[p]["momentum_buffer"], opts[1].state[q]["momentum_buffer"]
+        assert torch.equal(a, b) and a.stride() == b.stride()
+
+
+def test_transposed_linear_weight_as_torch():
+    """nn.Linear whose weight is made non-contiguous (a transposed layout)."""
+    x = torch.randn(6, 10)
+    runs = []
+    for cls, extra in ((torch.optim.SGD, {"foreach": False}), (fastsgd.torch.SGD, {})):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(10, 7)
+        model.weight = torch.nn.Parameter(model.weight.detach().t().contiguous().t())
+        opt = cls(model.parameters(), lr=0.1, momentum=0.5, weight_decay=0.1, **extra)
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        runs.append(model)
+    assert not runs[1].weight.is_contiguous()
+    assert all(torch.equal(p, q) for p, q in zip(runs[0].parameters(), runs[1].parameters()))
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def test_refuses_a_self_overlapping_parameter():
+    params, opt = stepped_pair()
+    tiled = torch.nn.Parameter(torch.zeros(5).expand(4, 5))
+    tiled.grad = torch.ones(4, 5)
+    opt.add_param_group({"params": [tiled]})
+    refused(opt, RuntimeError,
+            r"param_groups\[1\]\['params'\]\[0\].*more than one element of the written-to")
+
+
+def test_refuses_strided_tensors_sharing_memory():
+    params, opt = stepped_pair()
+    base = torch.zeros(6, 2)
+    left, right = torch.nn.Parameter(base[:, 0]), torch.nn.Parameter(base[:, 1])
+    left.grad, right.grad = torch.ones(6), torch.ones(6)
+    opt.add_param_group({"params": [left, right]})
+    refused(opt, RuntimeError, "share memory")
+    opt.param_groups.pop()
+    strided = torch.nn.Parameter(torch.zeros(4, 8)[:, ::2])
+    strided.grad = params[0].detach()[:, :4]  # a grad within another parameter
+    opt.add_param_group({"params": [strided]})
+    refused(opt, RuntimeError, r"param_groups\[1\]\['params'\]\[0\]: its grad shares memory")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_refuses_strided_16_bit_tensors(dtype):
+    p = torch.nn.Parameter(torch.ones(5, 4, dtype=dtype).t())
+    p.grad = torch.ones(4, 5, dtype=dtype)
+    refused(fastsgd.torch.SGD([p], lr=0.1), RuntimeError,
+            r"\['params'\]\[0\]: the parameter is not contiguous.*16-bit")
+    q = torch.nn.Parameter(torch.ones(4, 5, dtype=dtype))
+    q.grad = torch.ones(5, 4, dtype=dtype).t()
+    refused(fastsgd.torch.SGD([q], lr=0.1, momentum=0.9), RuntimeError,
+            r"\['params'\]\[0\]: its grad is not contiguous.*16-bit")
+
+
+# --------------------------------------------- the step's reads, and what they catch
+
+
+def test_changes_between_steps_are_caught():
+    """What a step re-reads of tensors it has seen: a grad changed after it was
+    assigned, a parameter moved, a buffer or the whole state replaced."""
+    params, opt = stepped_pair()
+    params[1].grad.data = torch.randn(5, 4)  # the right size, the wrong shape
+    refused(opt, RuntimeError, r"\['params'\]\[1\]: its grad has shape \(5, 4\)")
+    params[1].grad = torch.randn(4, 5)
+    params[1].grad.t_()  # transposed in place: a shape the parameter does not have
+    refused(opt, RuntimeError, r"\['params'\]\[1\]: its grad has shape \(5, 4\)")
+    params[1].grad = torch.randn(4, 5)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    reference = torch.optim.SGD(twins, lr=0.1, momentum=0.9, foreach=False)
+    reference.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for q, p in zip(twins, params):
+        q.grad = p.grad.clone()
+    for run in (opt, reference):
+        ps = run.param_groups[0]["params"]
+        ps[0].data = ps[0].data.clone()  # moved
+        run.state[ps[2]]["momentum_buffer"] = torch.full((4, 5), 0.5)  # replaced
+        run.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, twins))
+    # a new state object, with copies of the reference's buffers
+    opt.state = {p: {"momentum_buffer": reference.state[q]["momentum_buffer"].clone()}
+                 for p, q in zip(params, twins)}
+    for run in (opt, reference):
+        run.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, twins))
+
+
+def test_parameter_types_with_their_own_hash_or_reads():
+    """A parameter type hashing otherwise than Tensor, or overriding a read, is read
+    the ordinary way."""
+    reads = []
+
+    class OtherHash(torch.nn.Parameter):
+        def __hash__(self):
+            return id(self) + 1  # a lookup with Tensor's hash would miss
+
+    class CountsDataPtr(torch.nn.Parameter):
+        def data_ptr(self):
+            reads.append(self)
+            return super().data_ptr()
+
+    for kind in (OtherHash, CountsDataPtr):
+        params = [kind(torch.linspace(-1, 1, 6)) for _ in range(3)]
+        twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        opt = fastsgd.torch.SGD(params, lr=0.1, momentum=0.9)
+        reference = torch.optim.SGD(twins, lr=0.1, momentum=0.9, foreach=False)
+        for step in range(3):
+            for p, q in zip(params, twins):
+                p.grad = torch.full((6,), float(step + 1))
+                q.grad = p.grad.clone()
+            opt.step()
+            reference.step()
+        assert all(torch.equal(p, q) for p, q in zip(params, twins))
+        assert all(torch.equal(opt.state[p]["momentum_buffer"],
+                               reference.state[q]["momentum_buffer"])
+                   for p, q in zip(params, twins))
+    assert len(reads) >= 9  # every parameter, every step
