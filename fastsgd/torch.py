@@ -20,10 +20,12 @@ class SGD(torch.optim.SGD):
     ``torch.amp.GradScaler`` and checkpoint code take it; its momentum
     buffers are torch tensors in ``state[p]['momentum_buffer']``, made as
     torch makes them.  A step checks every tensor before it writes any:
-    parameters, grads and buffers must be dense, contiguous CPU tensors of
-    float32, float64, float16 or bfloat16, the grads and buffers of their
-    parameter's dtype and shape, sharing no memory (a parameter listed
-    twice, or two sharing memory, is refused).  It bumps each stepped
+    parameters, grads and buffers must be dense CPU tensors of float32,
+    float64, float16 or bfloat16 (16-bit ones contiguous), the grads and
+    buffers of their parameter's dtype and shape, sharing no memory (a
+    parameter listed twice, or two sharing memory, is refused).  A tensor
+    that is not contiguous is stepped in place through contiguous copies,
+    as fastsgd.SGD steps strided numpy arrays.  It bumps each stepped
     parameter's version counter as torch's in-place ``add_`` does, so
     autograd still sees a parameter saved for backward change.
 

@@ -11,6 +11,19 @@ without the optimizer seeing it: every grad (torch sets new grad tensors
 every step), each parameter's data pointer and dtype, and the momentum
 buffers in the state.  A parameter's shape and layout are re-read when its
 data pointer changes, or when its grad's shape no longer matches.
+
+Why each grad's dtype, contiguity and shape are read on every step, though
+torch checked dtype and shape when the grad was assigned: `grad.data = x`
+and in-place ops (`t_()`, `resize_()`, `set_()`) change them afterwards,
+`.data =` without bumping any version counter, and torch's grad setter takes
+any strides (an expand()ed grad holds fewer elements than it has); a step
+reading a grad unchecked could read past its memory.  torch offers no
+public call that checks a list of tensors at once, so each read stays one
+call per tensor; what is cut is Python's share of each call (see _Reads)
+and the state lookup's hash (see _TENSOR_HASH).
+
+Tensors that are not contiguous (float32 and float64) go through the numpy
+path's staging instead of the pointer lists (_Group.stage_strided).
 """
 import threading
 
@@ -271,7 +284,8 @@ cdef class _Lists:
 
 cdef class _Group:
     """One parameter group: its cached parameters (with their data pointer,
-    size, dtype and shape, checked) and buffers, and this step's lists."""
+    size, dtype and shape, checked) and buffers, this step's lists, and the
+    tensors it stages."""
     cdef object params_list  # the group's list the cache was built from
     cdef tuple params
     cdef list shapes
@@ -387,7 +401,7 @@ cdef class _Group:
             moved[0] = True
         cdef Py_ssize_t i, k = 0, n = PyTuple_GET_SIZE(self.params)
         cdef int code, d, in_use = 0, later = 0
-        cdef int64_t gdata
+        cdef int64_t gdata = 0
         cdef _Lists lists
         cdef PyObject *found
         cdef PyTypeObject *id_hashed = NULL  # a type checked to hash as Tensor does
@@ -688,7 +702,7 @@ cdef class TensorStepper:
                 if group.with_momentum and group.buffers[i] is not None:
                     spans.append((group.buffer_data[i], group.buffer_data[i] + nbytes,
                                   f"the momentum buffer of {where(g, i)}"))
-            for i, p, grad, buf in group.staged:
+            for i, p, _grad, buf in group.staged:
                 # their extents: two views interleaving in one tensor count as sharing
                 group.in_spans[i] = True
                 spans.append(_extent(p) + (where(g, i),))
@@ -715,7 +729,7 @@ cdef class TensorStepper:
             for k in range(len(group.grads)):
                 self.check_grad(group.grad_spans[3 * k], group.grad_spans[3 * k + 1], g,
                                 group.grad_spans[3 * k + 2])
-            for i, p, grad, buf in group.staged:
+            for i, _param, grad, _buf in group.staged:
                 start, end = _extent(grad)
                 self.check_grad(start, end, g, i)
         return 0
