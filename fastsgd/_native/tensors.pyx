@@ -291,6 +291,10 @@ cdef class _Group:
     cdef list shapes
     cdef list dtypes
     cdef list buffers  # the buffer last checked, per parameter (or None)
+    # per parameter, the storage of its buffer when checked: the cached data
+    # pointer stays valid memory whatever is done to the buffer tensor since
+    # (`buf.data = x`, resize_()), which no step re-reads
+    cdef list buffer_storages
     cdef int64_t *data  # per parameter: data pointer when checked (0: not checked)
     cdef int64_t *buffer_data  # per parameter: its buffer's data pointer when checked
     cdef uint8_t *in_spans  # per parameter: in the stepper's spans
@@ -360,6 +364,7 @@ cdef class _Group:
         self.shapes = [None] * n
         self.dtypes = [None] * n
         self.buffers = [None] * n
+        self.buffer_storages = [None] * n
         for lists in self.lists:
             (<_Lists>lists).reserve(n)
         self.params_list = params
@@ -461,6 +466,7 @@ cdef class _Group:
                         self.buffers[i] = None  # checked afresh while staged
                     else:
                         self.buffers[i] = buf
+                        self.buffer_storages[i] = buf.untyped_storage()
                         self.buffer_data[i] = buf.data_ptr()
                         moved[0] = True
             if staged:
