@@ -184,11 +184,11 @@ def test_refuses_strided_16_bit_tensors(dtype):
     p = torch.nn.Parameter(torch.ones(5, 4, dtype=dtype).t())
     p.grad = torch.ones(4, 5, dtype=dtype)
     refused(fastsgd.torch.SGD([p], lr=0.1), RuntimeError,
-            r"\['params'\]\[0\]: the parameter is not contiguous.*16-bit")
+            r"\['params'\]\[0\]: the parameter is not contiguous.*contiguous only")
     q = torch.nn.Parameter(torch.ones(4, 5, dtype=dtype))
     q.grad = torch.ones(5, 4, dtype=dtype).t()
     refused(fastsgd.torch.SGD([q], lr=0.1, momentum=0.9), RuntimeError,
-            r"\['params'\]\[0\]: its grad is not contiguous.*16-bit")
+            r"\['params'\]\[0\]: its grad is not contiguous.*contiguous only")
 
 
 # --------------------------------------------- the step's reads, and what they catch
@@ -253,3 +253,24 @@ def test_parameter_types_with_their_own_hash_or_reads():
                                reference.state[q]["momentum_buffer"])
                    for p, q in zip(params, twins))
     assert len(reads) >= 9  # every parameter, every step
+
+
+def test_a_buffer_replaced_in_place_keeps_the_step_in_valid_memory():
+    """`buf.data = x` moves a cached buffer without any counter seeing it: the step
+    keeps the memory it checked alive and writes there, never into memory freed
+    since (filled here by new tensors, which must stay as they are)."""
+    params, opt = stepped_pair()
+    opt.step()  # a later step: the buffers are cached
+    buf = opt.state[params[0]]["momentum_buffer"]
+    buf.data = torch.zeros(4, 5)
+    fillers = [torch.full((4, 5), 7.0) for _ in range(64)]  # likely in the freed block
+    opt.step()
+    assert all(torch.equal(f, torch.full((4, 5), 7.0)) for f in fillers)
+    opt.state[params[0]]["momentum_buffer"] = buf.clone()  # replacing it is seen
+    twin = torch.nn.Parameter(params[0].detach().clone())
+    reference = torch.optim.SGD([twin], lr=0.1, momentum=0.9, foreach=False)
+    reference.state[twin]["momentum_buffer"] = buf.clone()
+    twin.grad = params[0].grad.clone()
+    opt.step()
+    reference.step()
+    assert torch.equal(params[0], twin)

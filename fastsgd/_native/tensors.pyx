@@ -180,8 +180,8 @@ UNSUPPORTED_DTYPE = ("fastsgd.torch.SGD steps float32, float64, float16 and bflo
                      "parameters")
 
 
-STRIDED_HALF = ("fastsgd.torch.SGD steps float16 and bfloat16 tensors contiguous only: torch "
-                "rounds strided 16-bit tensors differently from contiguous ones")
+STRIDED_HALF = ("fastsgd.torch.SGD steps float16 and bfloat16 tensors contiguous only; use "
+                "torch.optim.SGD for it, or a contiguous tensor")
 
 
 cdef int _check_layout(object t, str name, str what) except -1:
