@@ -274,3 +274,25 @@ def test_a_buffer_replaced_in_place_keeps_the_step_in_valid_memory():
     opt.step()
     reference.step()
     assert torch.equal(params[0], twin)
+
+
+def test_a_parameter_whose_layout_changes_between_steps():
+    """A parameter moved to other strides (by .data) keeps its buffer, laid out as
+    before: the buffer's layout is checked again against the parameter's."""
+    def make():
+        g = torch.Generator().manual_seed(3)
+        params = [torch.nn.Parameter(torch.randn(6, 4, generator=g).t()),
+                  torch.nn.Parameter(torch.randn(4, 6, generator=g))]
+        def grad_of(p):  # laid out as the parameter, as autograd lays it out
+            grad = torch.randn(p.shape[::-1], generator=g).t()
+            return grad if not p.is_contiguous() else grad.contiguous()
+        return params, [lambda s, p=p: grad_of(p) for p in params]
+
+    def relayout(opt, step):
+        if step == 1:
+            for p in opt.param_groups[0]["params"]:
+                p.data = (p.data.contiguous() if not p.is_contiguous()
+                          else p.data.t().contiguous().t())
+        return opt
+
+    assert_same_run(run_both(make, {"lr": 0.1, "momentum": 0.9}, between=relayout))

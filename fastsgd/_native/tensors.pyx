@@ -22,8 +22,11 @@ public call that checks a list of tensors at once, so each read stays one
 call per tensor; what is cut is Python's share of each call (see _Reads)
 and the state lookup's hash (see _TENSOR_HASH).
 
-Tensors that are not contiguous (float32 and float64) go through the numpy
-path's staging instead of the pointer lists (_Group.stage_strided).
+A parameter that is not contiguous but fills one block of memory (a
+transpose, channels_last) steps on the pointer lists too, flat, when its grad
+and buffer have its strides (autograd lays grads out so, torch's step makes
+buffers so).  Any other non-contiguous float32 or float64 tensor goes through
+the numpy path's staging (_Group.stage_strided).
 """
 import threading
 
@@ -230,6 +233,19 @@ cdef int _check_like(object p, object t, str name, str what) except -1:
     return 0
 
 
+cdef object _dense_strides(object t):
+    """t's strides if its elements fill one block of memory, in any order of
+    dimensions (a transpose, channels_last), else None.  Stepped flat, such a
+    tensor needs its grad and buffer in the same strides, and no copies."""
+    strides = t.stride()
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, strides) if sz != 1):
+        if stride != expected:
+            return None
+        expected *= size
+    return strides
+
+
 cdef tuple _extent(object t):
     """The bytes t's elements occupy, (start, end) (torch strides are not
     negative)."""
@@ -312,6 +328,9 @@ cdef class _Group:
     cdef list later_buffers  # the existing buffers it updates
     cdef list new_buffers  # [(parameter, buffer)] it creates
     cdef uint8_t *strided  # per parameter: not contiguous when checked
+    # per parameter: its strides when it is not contiguous but dense (its grad
+    # and buffer in the same strides step flat, on the lists), else None
+    cdef list dense_strides
     # this step's tensors stepped through contiguous copies, [(position,
     # parameter, grad, buffer or None)], and the numpy path's plan that stages
     # them (plan.pyx: the copies are kept across steps)
@@ -365,6 +384,7 @@ cdef class _Group:
         self.dtypes = [None] * n
         self.buffers = [None] * n
         self.buffer_storages = [None] * n
+        self.dense_strides = [None] * n
         for lists in self.lists:
             (<_Lists>lists).reserve(n)
         self.params_list = params
@@ -379,6 +399,8 @@ cdef class _Group:
         self.sizes[i] = p.numel()
         self.shapes[i] = p.shape
         self.strided[i] = not p.is_contiguous()
+        self.dense_strides[i] = _dense_strides(p) if self.strided[i] else None
+        self.buffers[i] = None  # its layout is checked again against the parameter's
         cdef int64_t data = p.data_ptr()
         cdef bint moved = self.data[i] != data
         self.data[i] = data
@@ -427,22 +449,26 @@ cdef class _Group:
             if self.data[i] == 0 or _reads.data_ptr(p) != self.data[i]:
                 moved[0] |= self.read_param(i, p, g)
             moved[0] |= not self.in_spans[i]
+            strides = <object>PyList_GET_ITEM(self.dense_strides, i)
             try:
                 # a sparse grad raises in is_contiguous(), a grad off the CPU
                 # (its device is checked when assigned) has no data pointer
                 grad_dtype = _reads.dtype(grad)
                 ok = (<PyObject *>grad_dtype == PyList_GET_ITEM(self.dtypes, i)
-                      and _reads.is_contiguous(grad) and _reads.shape(grad) == self.shapes[i])
+                      and (grad.stride() == strides if self.strided[i]
+                           else _reads.is_contiguous(grad))
+                      and _reads.shape(grad) == self.shapes[i])
                 gdata = _reads.data_ptr(grad) if ok else 0
             except RuntimeError:
                 ok = False
-            staged = self.strided[i]
-            if not ok or gdata == 0 or staged:
+            staged = False
+            if not ok or gdata == 0:
                 # the parameter may have changed in place
                 moved[0] |= self.read_param(i, p, g)
                 _check_like(p, grad, where(g, i), "grad")
                 gdata = grad.data_ptr()
-                staged = self.strided[i] or not grad.is_contiguous()
+                strides = self.dense_strides[i]
+                staged = not _laid_out(grad, self.strided[i], strides)
             buf = None
             if self.with_momentum:
                 if (Py_TYPE(p) == id_hashed
@@ -461,7 +487,7 @@ cdef class _Group:
                         buf = <object>found
                 if buf is not None and <PyObject *>buf != PyList_GET_ITEM(self.buffers, i):
                     _check_like(p, buf, where(g, i), "momentum buffer")
-                    if staged or not buf.is_contiguous():
+                    if staged or not _laid_out(buf, self.strided[i], strides):
                         staged = True
                         self.buffers[i] = None  # checked afresh while staged
                     else:
@@ -580,6 +606,14 @@ DIFFERENTIABLE = ("fastsgd.torch.SGD does not support differentiable=True: use "
                   "torch.optim.SGD to differentiate through the step")
 FUSED = ("fastsgd.torch.SGD runs fastsgd's kernel: fused=True asks for torch's fused "
          "kernel, which torch.optim.SGD(fused=True) runs")
+
+
+cdef inline bint _laid_out(object t, bint strided, object strides) except -1:
+    """Whether t steps flat with its parameter: contiguous as it, or in its
+    dense strides (strided, strides: the parameter's, None if not dense)."""
+    if strided:
+        return strides is not None and t.stride() == strides
+    return t.is_contiguous()
 
 
 cdef object _new_buffer(object p, object grad, dict group):
