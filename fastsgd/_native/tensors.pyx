@@ -188,8 +188,8 @@ STRIDED_HALF = ("fastsgd.torch.SGD steps float16 and bfloat16 tensors contiguous
 
 
 cdef int _check_layout(object t, str name, str what) except -1:
-    """A non-contiguous tensor is stepped through contiguous copies (see
-    _Group.stage_strided), for float32 and float64 only."""
+    """A non-contiguous tensor is stepped flat or through contiguous copies
+    (see the module's docstring), for float32 and float64 only."""
     if t.dtype.itemsize == 2 and not t.is_contiguous():
         raise RuntimeError(f"{name}: {what} is not contiguous (strides {t.stride()}): "
                            f"{STRIDED_HALF}")
