@@ -21,11 +21,12 @@ class SGD(torch.optim.SGD):
     buffers are torch tensors in ``state[p]['momentum_buffer']``, made as
     torch makes them.  A step checks every tensor before it writes any:
     parameters, grads and buffers must be dense CPU tensors of float32,
-    float64, float16 or bfloat16 (16-bit ones contiguous), the grads and
-    buffers of their parameter's dtype and shape, sharing no memory (a
-    parameter listed twice, or two sharing memory, is refused).  A tensor
+    float64, float16 or bfloat16, the grads and buffers of their
+    parameter's dtype and shape, sharing no memory (a parameter listed
+    twice, or two sharing memory, is refused).  A tensor
     that is not contiguous is stepped in place through contiguous copies,
-    as fastsgd.SGD steps strided numpy arrays.  It bumps each stepped
+    as fastsgd.SGD steps strided numpy arrays (a bfloat16 one needs
+    ml_dtypes for its numpy view).  It bumps each stepped
     parameter's version counter as torch's in-place ``add_`` does, so
     autograd still sees a parameter saved for backward change.
 

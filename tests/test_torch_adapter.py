@@ -248,14 +248,6 @@ def test_refuses_differentiable_and_fused():
     refused(opt, RuntimeError, "requires grad")
 
 
-def test_refuses_strided_half_parameter_by_name():
-    params, opt = stepped_pair()
-    strided = torch.nn.Parameter(torch.randn(5, 4, dtype=torch.float16).t())
-    strided.grad = torch.randn(4, 5, dtype=torch.float16)
-    opt.add_param_group({"params": [strided]})
-    refused(opt, RuntimeError, r"param_groups\[1\]\['params'\]\[0\].*not contiguous")
-
-
 def test_refuses_sparse_grads():
     params, opt = stepped_pair()
     params[2].grad = torch.randn(4, 5).to_sparse()

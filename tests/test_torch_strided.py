@@ -3,6 +3,7 @@ copies) and the step's fast reads (state looked up by a known hash, torch's gett
 called directly), against torch.optim.SGD(foreach=False): the same bits, the same
 buffer layouts, and the same refusals."""
 import copy
+import sys
 
 import pytest
 
@@ -180,15 +181,24 @@ def test_refuses_strided_tensors_sharing_memory():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_refuses_strided_16_bit_tensors(dtype):
-    p = torch.nn.Parameter(torch.ones(5, 4, dtype=dtype).t())
-    p.grad = torch.ones(4, 5, dtype=dtype)
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+def test_strided_16_bit_tensors_as_torch(dtype, options):
+    """Each op of a strided 16-bit tensor rounded as torch's loop of that op
+    reaches the element (at one torch thread, the reference of 16-bit steps)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert_same_run(run_both(lambda: strided_tensors(dtype), options))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_strided_bfloat16_without_ml_dtypes_is_refused_by_name(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # import ml_dtypes fails
+    p = torch.nn.Parameter(torch.ones(5, 4, dtype=torch.bfloat16).t())
+    p.grad = torch.ones(4, 5, dtype=torch.bfloat16)
     refused(fastsgd.torch.SGD([p], lr=0.1), RuntimeError,
-            r"\['params'\]\[0\]: the parameter is not contiguous.*contiguous only")
-    q = torch.nn.Parameter(torch.ones(4, 5, dtype=dtype))
-    q.grad = torch.ones(5, 4, dtype=dtype).t()
-    refused(fastsgd.torch.SGD([q], lr=0.1, momentum=0.9), RuntimeError,
-            r"\['params'\]\[0\]: its grad is not contiguous.*contiguous only")
+            r"\['params'\]\[0\].*needs ml_dtypes")
 
 
 # --------------------------------------------- the step's reads, and what they catch

@@ -5,7 +5,6 @@ from typing_extensions import disjoint_base
 
 DIFFERENTIABLE: str
 FUSED: str
-STRIDED_HALF: str
 UNSUPPORTED_DTYPE: str
 
 @disjoint_base

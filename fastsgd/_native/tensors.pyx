@@ -25,12 +25,14 @@ and the state lookup's hash (see _TENSOR_HASH).
 A parameter that is not contiguous but fills one block of memory (a
 transpose, channels_last) steps on the pointer lists too, flat, when its grad
 and buffer have its strides (autograd lays grads out so, torch's step makes
-buffers so).  Any other non-contiguous float32 or float64 tensor goes through
+buffers so).  Any other non-contiguous tensor goes through
 the numpy path's staging (_Group.stage_strided).
 """
 import threading
 
 import torch
+
+import importlib
 
 cimport numpy as cnp
 from cpython.dict cimport PyDict_Check, PyDict_GetItem
@@ -183,22 +185,22 @@ UNSUPPORTED_DTYPE = ("fastsgd.torch.SGD steps float32, float64, float16 and bflo
                      "parameters")
 
 
-STRIDED_HALF = ("fastsgd.torch.SGD steps float16 and bfloat16 tensors contiguous only; use "
-                "torch.optim.SGD for it, or a contiguous tensor")
-
-
-cdef int _check_layout(object t, str name, str what) except -1:
-    """A non-contiguous tensor is stepped flat or through contiguous copies
-    (see the module's docstring), for float32 and float64 only."""
-    if t.dtype.itemsize == 2 and not t.is_contiguous():
-        raise RuntimeError(f"{name}: {what} is not contiguous (strides {t.stride()}): "
-                           f"{STRIDED_HALF}")
-    return 0
+cdef object _numpy_view(object t, str name):
+    """A numpy array viewing t's memory, strides included (bfloat16 as
+    ml_dtypes', which torch's .numpy() does not know); name: t's parameter."""
+    if t.dtype is not torch.bfloat16:
+        return t.detach().numpy()
+    try:  # (importlib: Cython's import takes a None in sys.modules for a module)
+        ml_dtypes = importlib.import_module("ml_dtypes")
+    except ImportError:
+        raise RuntimeError(f"{name}: fastsgd.torch.SGD steps a non-contiguous bfloat16 tensor "
+                           f"through a numpy view, which needs ml_dtypes: pip install "
+                           f"ml_dtypes") from None
+    return t.detach().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
 
 
 cdef int _check_param(object p, str name) except -1:
-    """The rules of a parameter: a dense CPU tensor of a kernel dtype,
-    contiguous if 16-bit."""
+    """The rules of a parameter: a dense CPU tensor of a kernel dtype."""
     if not isinstance(p, _Tensor):
         raise TypeError(f"{name}: optimizer can only optimize Tensors, but got "
                         f"{type(p).__name__}")
@@ -210,13 +212,12 @@ cdef int _check_param(object p, str name) except -1:
                            f"parameter is on {p.device}; use torch.optim.SGD for it")
     if p.dtype not in _DTYPE_CODES:
         raise TypeError(f"{name}: {UNSUPPORTED_DTYPE}, but the parameter is {p.dtype}")
-    _check_layout(p, name, "the parameter")
     return 0
 
 
 cdef int _check_like(object p, object t, str name, str what) except -1:
     """The rules of a grad or buffer t of parameter p: a dense CPU tensor of
-    p's dtype and shape, contiguous if 16-bit."""
+    p's dtype and shape."""
     if not isinstance(t, _Tensor):
         raise TypeError(f"{name}: its {what} must be a Tensor, but got {type(t).__name__}")
     if t.layout is not _STRIDED:
@@ -229,7 +230,6 @@ cdef int _check_like(object p, object t, str name, str what) except -1:
     if t.shape != p.shape:
         raise RuntimeError(f"{name}: its {what} has shape {tuple(t.shape)}, the parameter "
                            f"{tuple(p.shape)}")
-    _check_layout(t, name, f"its {what}")
     return 0
 
 
@@ -558,8 +558,8 @@ cdef class _Group:
         params, grads, buffers = [], [], []
         del self.staged_new_buffers[:]
         for k, (i, p, grad, buf) in enumerate(self.staged):
-            arrays = (p.detach().numpy(), grad.detach().numpy(),
-                      buf.detach().numpy() if buf is not None else None)
+            arrays = (_numpy_view(p, where(g, i)), _numpy_view(grad, where(g, i)),
+                      _numpy_view(buf, where(g, i)) if buf is not None else None)
             try:
                 check_tensor(arrays[0], arrays[1], arrays[2], g, i)
             except ValueError as error:
@@ -589,7 +589,7 @@ cdef class _Group:
             # the plan made numpy buffers; torch's are laid out as its step makes them
             made = {k: array for k, array in self.plan.new_buffers}
             for buf, k in self.staged_new_buffers:
-                cnp.PyArray_CopyInto(buf.numpy(), made[k])
+                cnp.PyArray_CopyInto(_numpy_view(buf, ""), made[k])
                 state[self.staged[k][1]]["momentum_buffer"] = buf
             del self.staged_new_buffers[:]
         if self.stepped:
