@@ -27,6 +27,7 @@ import glob
 import itertools
 import json
 import math
+import mmap
 import operator
 import os
 import platform
@@ -195,6 +196,33 @@ class _FastsgdNumpy(fastsgd.SGD):
     """fastsgd.SGD, as a peer of fastsgd.torch.SGD."""
 
 
+def _fastsgd_small_pages_step(workload, threads, model):
+    """fastsgd.SGD on numpy arrays of a torch workload's shapes, each array
+    (param, grad, momentum buffer) in an anonymous mapping of its own, as
+    torch's allocator gives large tensors: 4 KiB pages where transparent
+    huge pages are on request only (numpy requests them for arrays of 4 MiB
+    and more).  It bounds T1's target: the adapter's kernel on torch's pages."""
+    if not workload.torch or workload.master_weights:
+        return None
+
+    def mapped(array):
+        region = mmap.mmap(-1, max(array.nbytes, 1))
+        copy = np.frombuffer(region, array.dtype, array.size).reshape(array.shape)
+        copy[...] = array
+        return copy
+    small = Model([mapped(v) for v in model.values], [mapped(g) for g in model.grads])
+    step = _fastsgd_step(workload, threads, small, _FastsgdSmallPages)
+    opt = step.__self__
+    for p in opt.param_groups[0]["params"]:
+        if "momentum_buffer" in opt.state[p]:
+            opt.state[p]["momentum_buffer"] = mapped(opt.state[p]["momentum_buffer"])
+    return step
+
+
+class _FastsgdSmallPages(fastsgd.SGD):
+    """fastsgd.SGD over 4 KiB pages, as a bound of fastsgd.torch.SGD."""
+
+
 def _reference_step(workload, threads, model):
     if threads != 1 or workload.master_weights or workload.torch:
         return None
@@ -332,6 +360,7 @@ PEERS = {
     "fastsgd f32": _fastsgd_float32_step,
     "torch chain": _torch_chain_step,
     "fastsgd on numpy": _fastsgd_numpy_step,
+    "fastsgd on 4 KiB pages": _fastsgd_small_pages_step,
     "torch API floor": _torch_step("floor"),
 }
 
@@ -449,13 +478,15 @@ def measure_together(steps, budget_s, min_rounds=15, max_rounds=200, before_samp
 
 
 # Peers of the 16-bit and torch workloads only: the table has their columns only then.
-_HALF_PEERS = ("fastsgd f32", "torch chain", "fastsgd on numpy", "torch API floor")
+_HALF_PEERS = ("fastsgd f32", "torch chain", "fastsgd on numpy", "fastsgd on 4 KiB pages",
+               "torch API floor")
 # Takes seconds per step on the large workloads: a few samples, on its own.
 _SLOW_PEERS = ("reference",)
 # The peers of the targets' ratios (and both thread counts of each): sampled
 # back to back in each round, apart from torch's slower for-loop and foreach.
 _BACK_TO_BACK_PEERS = ("fastsgd", "roofline", "roofline reading objects", "torch fused",
-                       "fastsgd f32", "torch chain", "fastsgd on numpy", "torch API floor")
+                       "fastsgd f32", "torch chain", "fastsgd on numpy", "fastsgd on 4 KiB pages",
+                       "torch API floor")
 # Rounds of those peers alone after the rounds of all: back to back, their
 # per-round ratios still scatter widely on this VM (fastsgd vs the roofline
 # on W3 at 1 thread from 0.34 to 2.12 within one run's 15 rounds, whose

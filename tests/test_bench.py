@@ -268,8 +268,8 @@ def test_the_torch_workloads_peers_run_and_get_new_grads_before_each_sample():
     steps = {peer: bench.PEERS[peer](workload, 1, bench.Model(*bench._model(workload)))
              for peer in bench.PEERS}
     assert {p for p, step in steps.items() if step is not None} == {
-        "fastsgd", "fastsgd on numpy", "torch for-loop", "torch foreach", "torch fused",
-        "torch API floor"}
+        "fastsgd", "fastsgd on numpy", "fastsgd on 4 KiB pages", "torch for-loop",
+        "torch foreach", "torch fused", "torch API floor"}
     fast = steps["fastsgd"]
     assert isinstance(fast.step.__self__, fastsgd.torch.SGD)
     params = fast.step.__self__.param_groups[0]["params"]
