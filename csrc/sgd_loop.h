@@ -60,22 +60,22 @@ SGD_FN_CAT(SGD_FN, _run)(SGD_T *restrict p, const SGD_T *restrict g, SGD_T *rest
         const SGD_VEC_A vm_alpha = SGD_VEC_SPLAT(m_alpha), vomd = SGD_VEC_SPLAT(omd);
         const SGD_VEC_A vneg_lr = SGD_VEC_SPLAT(neg_lr), vone = SGD_VEC_SPLAT(1.0f);
         for (; i + SGD_VEC_WIDTH <= n_body; i += SGD_VEC_WIDTH)
-            SGD_VEC_STEP(p, g, b, NULL, NULL, i, maximize, use_wd, use_momentum, first_step, nesterov,
-                         vwd, vm, vm_alpha, vomd, vneg_lr, vone);
+            SGD_VEC_STEP(p, g, b, NULL, NULL, i, maximize, use_wd, use_momentum, first_step,
+                         nesterov, vwd, vm, vm_alpha, vomd, vneg_lr, vone);
     }
 #endif
 #ifdef SGD_STEP_TAIL
     for (; i < n_body; i++)
-        SGD_STEP(p, g, b, NULL, NULL, i, maximize, use_wd, use_momentum, first_step, nesterov, wd, m,
-                 m_alpha, omd, neg_lr, (SGD_A)1);
+        SGD_STEP(p, g, b, NULL, NULL, i, maximize, use_wd, use_momentum, first_step, nesterov,
+                 wd, m, m_alpha, omd, neg_lr, (SGD_A)1);
     for (; i < n; i++)
-        SGD_STEP_TAIL(p, g, b, NULL, NULL, i, maximize, use_wd, use_momentum, first_step, nesterov,
-                      wd, m, m_alpha, omd, neg_lr, (SGD_A)1);
+        SGD_STEP_TAIL(p, g, b, NULL, NULL, i, maximize, use_wd, use_momentum, first_step,
+                      nesterov, wd, m, m_alpha, omd, neg_lr, (SGD_A)1);
 #else
     (void)n_body;
     for (; i < n; i++)
-        SGD_STEP(p, g, b, NULL, NULL, i, maximize, use_wd, use_momentum, first_step, nesterov, wd, m,
-                 m_alpha, omd, neg_lr, (SGD_A)1);
+        SGD_STEP(p, g, b, NULL, NULL, i, maximize, use_wd, use_momentum, first_step, nesterov,
+                 wd, m, m_alpha, omd, neg_lr, (SGD_A)1);
 #endif
 }
 

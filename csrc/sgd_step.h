@@ -21,21 +21,20 @@
  *   STEP_NEGATE(op, x)   -x, the sign flipped as torch's neg does
  *   STEP_MADD(op, a, k, c)  c.add(a, alpha=k), rounded as the lane's code path does
  *   STEP_MUL(op, x, k)   x.mul_(k)
+ *   STEP_STORE_OUT(out, i, v)  master weights: the 16-bit parameter from the
+ *                        new float32 master v; otherwise nothing
  * where op is the op's FASTSGD_OP_* bit: the step of an element of a strided
  * 16-bit tensor rounds each op as that op's own loop in torch reached the
  * element (bit set in modes[i]: its vector body); every other step ignores
- * op and modes.
- *   STEP_STORE_OUT(out, i, v)  master weights: the 16-bit parameter from the
- *                        new float32 master v; otherwise nothing
- * All are undefined after, but for the lane's (STEP_S to STEP_STORE_OUT)
- * while STEP_KEEP_LANES is defined. */
+ * op and modes.  All are undefined after, but for the lane's (STEP_S to
+ * STEP_STORE_OUT) while STEP_KEEP_LANES is defined. */
 
 static inline __attribute__((always_inline)) STEP_TARGET void
 STEP_FN(STEP_P *restrict p, const STEP_G *restrict g, STEP_P *restrict b,
         uint16_t *restrict out, const uint8_t *restrict modes, const int64_t i,
-        const int maximize, const int use_wd, const int use_momentum, const int first_step, const int nesterov, const STEP_A wd,
-        const STEP_A m, const STEP_A m_alpha, const STEP_A omd, const STEP_A neg_lr,
-        const STEP_A inv_scale)
+        const int maximize, const int use_wd, const int use_momentum, const int first_step,
+        const int nesterov, const STEP_A wd, const STEP_A m, const STEP_A m_alpha,
+        const STEP_A omd, const STEP_A neg_lr, const STEP_A inv_scale)
 {
     (void)out, (void)modes, (void)inv_scale, (void)m_alpha;
     STEP_S d = STEP_LOAD_GRAD(g, i, inv_scale);
