@@ -50,7 +50,9 @@ def _channels_last(shape, strides):
     return True
 
 
-def _non_overlapping_and_dense(shape, strides):
+def non_overlapping_and_dense(shape, strides):
+    """torch's is_non_overlapping_and_dense: the elements fill one block of
+    memory, in some order of the dimensions."""
     if len(shape) == 1:
         return shape[0] < 2 or strides[0] == 1
     order = sorted(range(len(shape)), key=lambda d: (shape[d] < 2, strides[d] if shape[d] >= 2
@@ -65,7 +67,7 @@ def _non_overlapping_and_dense(shape, strides):
     return True
 
 
-def contiguous_strides(shape):
+def _contiguous_strides(shape):
     strides, expected = [], 1
     for size in reversed(shape):
         strides.append(expected)
@@ -89,7 +91,7 @@ def _fast_setup(shape, operands):
         return "contiguous"
     if all(_channels_last(shape, s) for s in defined):
         return "channels_last"
-    if all(_non_overlapping_and_dense(shape, s) for s in defined) and all(
+    if all(non_overlapping_and_dense(shape, s) for s in defined) and all(
             s == defined[0] for s in defined):
         return "dense"
     return None
@@ -133,7 +135,7 @@ def _reorder(shape, operands):
 def _general_output_strides(shape, perm):
     """A new output's strides: dense in the iteration order."""
     if perm == list(range(len(shape) - 1, -1, -1)):
-        return contiguous_strides(shape)
+        return _contiguous_strides(shape)
     strides, expected = [0] * len(shape), 1
     for d in perm:
         strides[d] = expected
@@ -153,7 +155,7 @@ def _layout(shape, operands, same_shapes=True):
     setup = _fast_setup(shape, operands) if same_shapes else None
     if setup is not None:
         if setup == "contiguous":
-            layout = contiguous_strides(shape)
+            layout = _contiguous_strides(shape)
         elif setup == "channels_last":
             layout = _channels_last_strides(shape)
         else:
@@ -213,7 +215,7 @@ def result_strides(shape, operands):
 
 def clone_strides(shape, strides):
     """torch.clone(x)'s strides (memory_format=torch.preserve_format)."""
-    if _non_overlapping_and_dense(shape, strides):
+    if non_overlapping_and_dense(shape, strides):
         return tuple(strides)
     return result_strides(shape, [strides])
 

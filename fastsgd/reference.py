@@ -199,8 +199,6 @@ class Half16:
     AVX2/AVX-512 kernels; else ATEN_CPU_CAPABILITY=default, whose body rounds
     as the scalar code but keeps NaNs as the vector body."""
 
-    CHUNK = _tensor_iterator.CHUNK
-
     def __init__(self, dtype, vectorized):
         self.dtype = np.dtype(dtype)
         self.vectorized = vectorized

@@ -50,6 +50,8 @@ from fastsgd._native.plan cimport GroupPlan
 from fastsgd._native.rules cimport (check_step_alphas, check_tensor, flag_option, option,
                                     read_hyper, where)
 
+from fastsgd._tensor_iterator import first_buffer_strides, non_overlapping_and_dense
+
 cnp.import_array()  # for rules.pxd's option readers
 
 cdef extern from *:
@@ -238,12 +240,7 @@ cdef object _dense_strides(object t):
     dimensions (a transpose, channels_last), else None.  Stepped flat, such a
     tensor needs its grad and buffer in the same strides, and no copies."""
     strides = t.stride()
-    expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, strides) if sz != 1):
-        if stride != expected:
-            return None
-        expected *= size
-    return strides
+    return strides if non_overlapping_and_dense(tuple(t.shape), strides) else None
 
 
 cdef tuple _extent(object t):
@@ -568,7 +565,7 @@ cdef class _Group:
             grads.append(arrays[1])
             buffers.append(arrays[2])
             if self.with_momentum and buf is None:
-                self.staged_new_buffers.append((_new_buffer(p, grad, self.options), k))
+                self.staged_new_buffers.append((_new_buffer(p, grad, &self.hyper), k))
         self.plan.prepare_lists(params, grads, buffers, self.options)
         return 0
 
@@ -616,14 +613,13 @@ cdef inline bint _laid_out(object t, bint strided, object strides) except -1:
     return t.is_contiguous()
 
 
-cdef object _new_buffer(object p, object grad, dict group):
+cdef object _new_buffer(object p, object grad, const kernels.fastsgd_sgd_hyper *h):
     """An uninitialised momentum buffer laid out as torch's step makes it:
-    buf = clone(d_p), where d_p is -grad with maximize and adds
-    weight_decay * p (an op whose output follows its inputs' strides)."""
-    d_p = grad.neg() if group.get("maximize") else grad
-    if group.get("weight_decay"):
-        d_p = d_p.add(p)
-    return _empty_like(d_p, requires_grad=False)
+    buf = clone(d_p), d_p being -grad with maximize and adding weight_decay *
+    p, each op's output laid out as fastsgd/_tensor_iterator.py models it."""
+    strides = first_buffer_strides(tuple(p.shape), p.stride(), grad.stride(),
+                                   maximize=h.maximize != 0, weight_decay=h.weight_decay != 0.0)
+    return torch.empty_strided(p.shape, strides, dtype=p.dtype)
 
 
 cdef int _check_tensor_option(dict group, str key, Py_ssize_t g) except -1:
