@@ -207,6 +207,9 @@ HALF_FN(mul8_)(const __m256 body, const __m256 x, const __m256 k)
 #define STEP_STORE_OUT(out, i, v) ((void)0)
 #include "sgd_step.h"
 #define SGD_STRIDED_VEC_STEP HALF_FN(step_strided8_)
+#define SGD_STRIDED_VEC_WIDTH 8
+#define SGD_STRIDED_VEC_A __m256
+#define SGD_STRIDED_VEC_SPLAT _mm256_set1_ps
 #endif
 #undef STEP_P
 #undef STEP_G
@@ -237,6 +240,9 @@ HALF_FN(mul8_)(const __m256 body, const __m256 x, const __m256 k)
 #undef SGD_STEP_TAIL
 #undef SGD_STEP_STRIDED
 #undef SGD_STRIDED_VEC_STEP
+#undef SGD_STRIDED_VEC_WIDTH
+#undef SGD_STRIDED_VEC_A
+#undef SGD_STRIDED_VEC_SPLAT
 #undef SGD_VEC_STEP
 #undef SGD_VEC_WIDTH
 #undef SGD_VEC_A

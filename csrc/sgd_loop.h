@@ -12,8 +12,9 @@
  * and, for 16-bit dtypes:
  *   SGD_STEP_TAIL  the step of one element in torch's scalar remainder
  *   SGD_STEP_STRIDED  the step of one element whose ops round as modes[i]
- *                  says (an element of a strided tensor); SGD_STRIDED_VEC_STEP
- *                  (optional) of 8 such elements, in AVX2's __m256 lanes
+ *                  says (an element of a strided tensor); SGD_STRIDED_VEC_STEP,
+ *                  SGD_STRIDED_VEC_WIDTH, SGD_STRIDED_VEC_A, SGD_STRIDED_VEC_SPLAT(x)
+ *                  (optional) the same for a vector of such elements
  *   SGD_VEC_STEP, SGD_VEC_WIDTH, SGD_VEC_A, SGD_VEC_SPLAT(x)  (optional) the
  *                  step of SGD_VEC_WIDTH elements of the vector body, its
  *                  alpha type and how a float alpha is broadcast into it.
@@ -39,10 +40,12 @@ SGD_FN_CAT(SGD_FN, _run)(SGD_T *restrict p, const SGD_T *restrict g, SGD_T *rest
 #ifdef SGD_STEP_STRIDED
     if (modes) {
 #ifdef SGD_STRIDED_VEC_STEP
-        const __m256 vwd = _mm256_set1_ps(wd), vm = _mm256_set1_ps(m);
-        const __m256 vm_alpha = _mm256_set1_ps(m_alpha), vomd = _mm256_set1_ps(omd);
-        const __m256 vneg_lr = _mm256_set1_ps(neg_lr), vone = _mm256_set1_ps(1.0f);
-        for (; i + 8 <= n; i += 8)
+        const SGD_STRIDED_VEC_A vwd = SGD_STRIDED_VEC_SPLAT(wd), vm = SGD_STRIDED_VEC_SPLAT(m);
+        const SGD_STRIDED_VEC_A vm_alpha = SGD_STRIDED_VEC_SPLAT(m_alpha);
+        const SGD_STRIDED_VEC_A vomd = SGD_STRIDED_VEC_SPLAT(omd);
+        const SGD_STRIDED_VEC_A vneg_lr = SGD_STRIDED_VEC_SPLAT(neg_lr);
+        const SGD_STRIDED_VEC_A vone = SGD_STRIDED_VEC_SPLAT(1.0f);
+        for (; i + SGD_STRIDED_VEC_WIDTH <= n; i += SGD_STRIDED_VEC_WIDTH)
             SGD_STRIDED_VEC_STEP(p, g, b, NULL, modes, i, maximize, use_wd, use_momentum,
                                  first_step, nesterov, vwd, vm, vm_alpha, vomd, vneg_lr, vone);
 #endif
