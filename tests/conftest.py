@@ -25,3 +25,15 @@ def _restore_thread_counts():
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(torch_threads)
+
+
+@pytest.fixture(params=["exchange API", "Python API"])
+def tensor_reads(request):
+    """fastsgd.torch.SGD reading tensors through DLPack's C exchange API (the
+    torch the tests pin has it) and through torch's Python API (older torch)."""
+    from fastsgd._native.tensors import _set_exchange_api
+
+    assert _set_exchange_api(request.param == "exchange API") == (
+        request.param == "exchange API")
+    yield request.param
+    _set_exchange_api(True)

@@ -69,7 +69,7 @@ def assert_same(a, b):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("options", OPTIONS, ids=str)
-def test_same_bits_as_torch(dtype, options):
+def test_same_bits_as_torch(dtype, options, tensor_reads):
     pairs = twins(dtype, options)
     x = torch.randn(16, 40, generator=torch.Generator().manual_seed(1)).to(dtype)
     for step in range(5):
@@ -248,13 +248,13 @@ def test_refuses_differentiable_and_fused():
     refused(opt, RuntimeError, "requires grad")
 
 
-def test_refuses_sparse_grads():
+def test_refuses_sparse_grads(tensor_reads):
     params, opt = stepped_pair()
     params[2].grad = torch.randn(4, 5).to_sparse()
     refused(opt, RuntimeError, r"\['params'\]\[2\]: its grad is torch.sparse_coo")
 
 
-def test_refuses_grads_that_no_longer_match():
+def test_refuses_grads_that_no_longer_match(tensor_reads):
     params, opt = stepped_pair()
     params[1].grad.resize_(20)
     refused(opt, RuntimeError, r"\['params'\]\[1\]: its grad has shape \(20,\)")
@@ -263,7 +263,7 @@ def test_refuses_grads_that_no_longer_match():
     refused(opt, TypeError, r"\['params'\]\[0\]: its grad is torch.float32")
 
 
-def test_refuses_a_parameter_twice_and_shared_memory():
+def test_refuses_a_parameter_twice_and_shared_memory(tensor_reads):
     params, opt = stepped_pair()
     opt.param_groups[0]["params"].append(params[0])
     refused(opt, ValueError, r"\['params'\]\[3\] is param_groups\[0\]\['params'\]\[0\] again")
@@ -278,7 +278,7 @@ def test_refuses_a_parameter_twice_and_shared_memory():
     refused(opt, RuntimeError, r"\['params'\]\[2\]: its grad shares memory")
 
 
-def test_refuses_unsupported_dtypes_and_devices():
+def test_refuses_unsupported_dtypes_and_devices(tensor_reads):
     p = torch.nn.Parameter(torch.ones(3, dtype=torch.complex64))
     p.grad = torch.ones(3, dtype=torch.complex64)
     refused(fastsgd.torch.SGD([p], lr=0.1), TypeError, "complex64")
@@ -286,6 +286,44 @@ def test_refuses_unsupported_dtypes_and_devices():
     m.grad = torch.ones(3, device="meta")
     with pytest.raises(RuntimeError, match="CPU tensors"):
         fastsgd.torch.SGD([m], lr=0.1).step()
+
+
+def negated(shape, seed, contiguous):
+    """A lazily negated view (its negative bit set): torch.imag of a conjugate, strided;
+    or, contiguous, torch's private _neg_view (such a grad takes the fast path)."""
+    generator = torch.Generator().manual_seed(seed)
+    if contiguous:
+        view = torch._neg_view(torch.randn(shape, generator=generator))
+    else:
+        view = torch.imag(torch.complex(torch.randn(shape, generator=generator),
+                                        torch.randn(shape, generator=generator)).conj())
+    assert view.is_neg() and view.is_contiguous() == contiguous
+    return view
+
+
+def test_negated_grads_as_torch_and_negated_tensors_it_writes_refused(tensor_reads):
+    """DLPack's views do not carry torch's negative bit: a negated grad (autograd can
+    leave one through complex ops) steps with the values torch reads from it; a
+    parameter or buffer that is one, whose memory the kernel would write as stored,
+    is refused before any write."""
+    options = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}
+    params = [torch.nn.Parameter(torch.randn(4, 5)) for _ in range(2)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = fastsgd.torch.SGD(params, **options)
+    reference = torch.optim.SGD(twins, **options, foreach=False)
+    for step in range(3):
+        for k, (p, q) in enumerate(zip(params, twins)):
+            p.grad = negated((4, 5), seed=10 * step + k, contiguous=step > 0)
+            q.grad = p.grad.clone()  # (clone() resolves the bit)
+        opt.step()
+        reference.step()
+        assert all(torch.equal(p, q) for p, q in zip(params, twins))
+    opt.state[params[1]]["momentum_buffer"] = negated((4, 5), seed=99, contiguous=True)
+    refused(opt, RuntimeError, r"\['params'\]\[1\]: its momentum buffer has its negative bit")
+    p = torch.nn.Parameter(negated((3,), seed=7, contiguous=True))
+    p.grad = torch.ones(3)
+    refused(fastsgd.torch.SGD([p], lr=0.1), RuntimeError,
+            r"\['params'\]\[0\]: the parameter has its negative bit")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -2,25 +2,26 @@
 """torch tensors on fastsgd's kernel: TensorStepper steps the param_groups of
 a fastsgd.torch.SGD in place.
 
-It reads each tensor through torch's public Python API only (data_ptr(),
-dtype, shape, is_contiguous(), is_cpu, layout): no torch header, nothing
-compiled against torch.  Every group is checked and its pointer lists built
-before any memory is written; then one native call per group and dtype runs
-without the GIL.  What a step must re-read is what can change between steps
-without the optimizer seeing it: every grad (torch sets new grad tensors
-every step), each parameter's data pointer and dtype, and the momentum
-buffers in the state.  A parameter's shape and layout are re-read when its
-data pointer changes, or when its grad's shape no longer matches.
+Nothing here is compiled against torch.  It reads each tensor through
+DLPack's C exchange API, which torch (2.10 and later) offers as the capsule
+torch.Tensor.__dlpack_c_exchange_api__: one C call fills a tensor's data
+pointer, dtype, device, shape and strides, allocating nothing.  Under an
+older torch the same reads go through torch's Python API (data_ptr(),
+dtype, shape, stride()), one call each.  Every group is checked and its
+pointer lists built before any memory is written; then one native call per
+group and dtype runs without the GIL.  What a step must re-read is what can
+change between steps without the optimizer seeing it: every grad (torch sets
+new grad tensors every step), each parameter's data pointer and layout, and
+the momentum buffers in the state.
 
-Why each grad's dtype, contiguity and shape are read on every step, though
+Why each grad's dtype, shape and strides are read on every step, though
 torch checked dtype and shape when the grad was assigned: `grad.data = x`
 and in-place ops (`t_()`, `resize_()`, `set_()`) change them afterwards,
 `.data =` without bumping any version counter, and torch's grad setter takes
 any strides (an expand()ed grad holds fewer elements than it has); a step
-reading a grad unchecked could read past its memory.  torch offers no
-public call that checks a list of tensors at once, so each read stays one
-call per tensor; what is cut is Python's share of each call (see _Reads)
-and the state lookup's hash (see _TENSOR_HASH).
+reading a grad unchecked could read past its memory.  DLPack does not carry
+torch's negative bit (torch.imag of a conjugate is a lazily negated view), so
+each grad's is_neg() is read too.
 
 A parameter that is not contiguous but fills one block of memory (a
 transpose, channels_last) steps on the pointer lists too, flat, when its grad
@@ -39,8 +40,9 @@ from cpython.dict cimport PyDict_Check, PyDict_GetItem
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.mem cimport PyMem_Free
 from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
+from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
-from libc.stdint cimport int64_t, intptr_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, intptr_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from fastsgd._native cimport kernels
 from fastsgd._native.batch cimport grow
@@ -77,7 +79,6 @@ cdef extern from *:
     bint fastsgd_generic_getattr(object o)
 
 ctypedef object (*_noargs)(object, PyObject *)
-ctypedef object (*_with_keywords)(object, object, PyObject *)
 
 cdef extern from "Python.h":
     ctypedef object (*getter)(object, void *)
@@ -93,13 +94,92 @@ cdef extern from "Python.h":
         PyMethodDef *d_method
     enum:
         METH_NOARGS
-        METH_VARARGS
-        METH_KEYWORDS
+
+# DLPack's C structures (dlpack.h, major version 1) that its C exchange API
+# fills: a tensor's view, valid while the tensor lives unchanged
+cdef extern from *:
+    """
+    typedef struct { int32_t device_type; int32_t device_id; } fastsgd_dl_device;
+    typedef struct { uint8_t code; uint8_t bits; uint16_t lanes; } fastsgd_dl_dtype;
+    typedef struct {
+        void *data;
+        fastsgd_dl_device device;
+        int32_t ndim;
+        fastsgd_dl_dtype dtype;
+        int64_t *shape;
+        int64_t *strides;
+        uint64_t byte_offset;
+    } fastsgd_dl_tensor;
+    typedef struct { uint32_t major; uint32_t minor; } fastsgd_dl_version;
+    typedef struct fastsgd_dl_api_header {
+        fastsgd_dl_version version;
+        struct fastsgd_dl_api_header *prev_api;
+    } fastsgd_dl_api_header;
+    typedef struct {
+        fastsgd_dl_api_header header;
+        void *managed_tensor_allocator;
+        void *managed_tensor_from_py_object_no_sync;
+        void *managed_tensor_to_py_object_no_sync;
+        int (*dltensor_from_py_object_no_sync)(void *py_object, fastsgd_dl_tensor *out);
+        void *current_work_stream;
+    } fastsgd_dl_exchange_api;
+    """
+    ctypedef struct fastsgd_dl_device:
+        int32_t device_type
+    ctypedef struct fastsgd_dl_dtype:
+        uint8_t code
+        uint8_t bits
+        uint16_t lanes
+    ctypedef struct fastsgd_dl_tensor:
+        void *data
+        fastsgd_dl_device device
+        int32_t ndim
+        fastsgd_dl_dtype dtype
+        int64_t *shape
+        int64_t *strides
+        uint64_t byte_offset
+    ctypedef struct fastsgd_dl_version:
+        uint32_t major
+        uint32_t minor
+    ctypedef struct fastsgd_dl_api_header:
+        fastsgd_dl_version version
+        fastsgd_dl_api_header *prev_api
+    ctypedef struct fastsgd_dl_exchange_api:
+        fastsgd_dl_api_header header
+        # (a Python exception set when it fails)
+        int (*dltensor_from_py_object_no_sync)(void *py_object, fastsgd_dl_tensor *out) except -1
+
+cdef enum:
+    _DL_CPU = 1  # kDLCPU
+    _DL_FLOAT = 2  # kDLFloat
+    _DL_BFLOAT = 4  # kDLBfloat
+
+
+cdef const fastsgd_dl_exchange_api *_exchange_api():
+    """torch's DLPack C exchange API, or NULL if this torch has none."""
+    capsule = getattr(torch.Tensor, "__dlpack_c_exchange_api__", None)
+    if not PyCapsule_IsValid(capsule, "dlpack_exchange_api"):
+        return NULL
+    cdef fastsgd_dl_api_header *header = <fastsgd_dl_api_header *>PyCapsule_GetPointer(
+        capsule, "dlpack_exchange_api")
+    while header != NULL and header.version.major > 1:  # newer ones link older ones
+        header = header.prev_api
+    # dltensor_from_py_object_no_sync came with 1.2 (the capsule with 1.3)
+    if header == NULL or header.version.major != 1 or header.version.minor < 2:
+        return NULL
+    cdef const fastsgd_dl_exchange_api *api = <fastsgd_dl_exchange_api *>header
+    return api if api.dltensor_from_py_object_no_sync != NULL else NULL
+
+
+cdef const fastsgd_dl_exchange_api *_EXCHANGE = _exchange_api()
 
 # the kernel's dtype code of each torch dtype it steps
 _DTYPE_CODES = {torch.float32: FASTSGD_F32, torch.float64: FASTSGD_F64,
                 torch.float16: FASTSGD_F16, torch.bfloat16: FASTSGD_BF16}
 _ITEMSIZES = (4, 8, 2, 2)
+# their DLPack dtypes, (code, bits), by kernel code
+cdef uint8_t[4][2] _DL_DTYPES = [[_DL_FLOAT, 32], [_DL_FLOAT, 64], [_DL_FLOAT, 16],
+                                 [_DL_BFLOAT, 16]]
 _STRIDED = torch.strided
 _Tensor = torch.Tensor
 _empty_like = torch.empty_like
@@ -115,21 +195,16 @@ if hash(_probe) != <Py_hash_t><intptr_t><PyObject *>_probe:
 del _probe
 
 
-# A step's reads of each tensor (p.grad, grad.dtype, ...) are torch's C
-# functions called through Python's attribute lookup, which costs as much
-# again.  For a tensor whose type resolves these names to TensorBase's own
-# getters and methods (checked per type, each step), _Reads calls them
-# directly: the same C functions on the same objects, without the lookup.
+# p.grad and grad.is_neg() are torch's C functions called through Python's
+# attribute lookup, which costs as much again.  For a tensor whose type
+# resolves these names to TensorBase's own getter and method (checked per
+# type, each step), _Reads calls them directly: the same C functions on the
+# same objects, without the lookup.
 cdef object _BASE = torch._C.TensorBase
 cdef PyGetSetDef *_GRAD = (<PyGetSetDescrObject *>_BASE.__dict__["grad"]).d_getset
-cdef PyGetSetDef *_DTYPE = (<PyGetSetDescrObject *>_BASE.__dict__["dtype"]).d_getset
-cdef PyGetSetDef *_SHAPE = (<PyGetSetDescrObject *>_BASE.__dict__["shape"]).d_getset
-cdef PyMethodDef *_DATA_PTR = (<PyMethodDescrObject *>_BASE.__dict__["data_ptr"]).d_method
-cdef PyMethodDef *_IS_CONTIGUOUS = (<PyMethodDescrObject *>_BASE.__dict__["is_contiguous"]).d_method
-cdef tuple _NO_ARGS = ()
-_DIRECT_NAMES = ("grad", "dtype", "shape", "data_ptr", "is_contiguous")
-cdef bint _DIRECT_OK = (_DATA_PTR.ml_flags == METH_NOARGS
-                        and _IS_CONTIGUOUS.ml_flags == METH_VARARGS | METH_KEYWORDS)
+cdef PyMethodDef *_IS_NEG = (<PyMethodDescrObject *>_BASE.__dict__["is_neg"]).d_method
+_DIRECT_NAMES = ("grad", "is_neg")
+cdef bint _DIRECT_OK = _IS_NEG.ml_flags == METH_NOARGS
 
 
 cdef bint _reads_directly(object t):
@@ -144,9 +219,20 @@ cdef bint _reads_directly(object t):
 
 
 cdef class _Reads:
-    """t.grad, t.dtype, t.shape, t.data_ptr(), t.is_contiguous() of tensors,
-    called directly for the types that allow it (see above)."""
+    """t.grad and t.is_neg() of tensors, called directly for the types that
+    allow it (see above), and their views (see view)."""
     cdef PyTypeObject *direct[2]  # types checked this step
+    cdef bint use_api  # views through the exchange API (when torch has one)
+    # without it, the views' shapes and strides, per slot
+    cdef int64_t *dims[2]
+    cdef Py_ssize_t capacity[2]
+
+    def __cinit__(self):
+        self.use_api = _EXCHANGE != NULL
+
+    def __dealloc__(self):
+        PyMem_Free(self.dims[0])
+        PyMem_Free(self.dims[1])
 
     cdef inline void forget(self) noexcept:
         self.direct[0] = self.direct[1] = NULL
@@ -164,24 +250,82 @@ cdef class _Reads:
     cdef inline object grad(self, object t):
         return _GRAD.get(t, _GRAD.closure) if self.is_direct(t) else t.grad
 
-    cdef inline object dtype(self, object t):
-        return _DTYPE.get(t, _DTYPE.closure) if self.is_direct(t) else t.dtype
-
-    cdef inline object shape(self, object t):
-        return _SHAPE.get(t, _SHAPE.closure) if self.is_direct(t) else t.shape
-
-    cdef inline int64_t data_ptr(self, object t) except? -1:
+    cdef inline bint is_neg(self, object t) except -1:
         if self.is_direct(t):
-            return (<_noargs>_DATA_PTR.ml_meth)(t, NULL)
-        return t.data_ptr()
+            return (<_noargs>_IS_NEG.ml_meth)(t, NULL)
+        return t.is_neg()
 
-    cdef inline bint is_contiguous(self, object t) except -1:
-        if self.is_direct(t):
-            return (<_with_keywords>_IS_CONTIGUOUS.ml_meth)(t, _NO_ARGS, NULL)
-        return t.is_contiguous()
+    cdef int view(self, object t, fastsgd_dl_tensor *out, int slot) except -1:
+        """Fill out with t's data pointer, dtype, device, shape and strides
+        (DLPack's view, what torch's C++ ops see; raises if t is not a tensor
+        with memory).  Without the exchange API they are read through the
+        Python API, the shape and strides kept in slot (0 or 1) until the next
+        view in it."""
+        if self.use_api:
+            return _EXCHANGE.dltensor_from_py_object_no_sync(<PyObject *>t, out)
+        shape = tuple(t.shape)
+        strides = t.stride()
+        cdef Py_ssize_t k, ndim = len(shape)
+        if ndim > self.capacity[slot]:
+            self.dims[slot] = <int64_t *>grow(self.dims[slot], 2 * ndim * sizeof(int64_t))
+            self.capacity[slot] = ndim
+        out.shape = self.dims[slot]
+        out.strides = self.dims[slot] + ndim
+        for k in range(ndim):
+            out.shape[k] = shape[k]
+            out.strides[k] = strides[k]
+        out.ndim = <int32_t>ndim
+        code = _DTYPE_CODES.get(t.dtype, -1)
+        out.dtype.code = _DL_DTYPES[code][0] if code >= 0 else 0
+        out.dtype.bits = _DL_DTYPES[code][1] if code >= 0 else 0
+        out.dtype.lanes = 1
+        out.device.device_type = _DL_CPU if t.is_cpu else 0
+        out.data = <void *><intptr_t>t.data_ptr()
+        out.byte_offset = 0
+        return 0
 
 
 cdef _Reads _reads = _Reads()
+
+
+def _set_exchange_api(bint enabled):
+    """Read views through DLPack's exchange API (True, when torch has one) or
+    through torch's Python API (False), for the tests of both; returns
+    whether the exchange API is now used."""
+    _reads.use_api = enabled and _EXCHANGE != NULL
+    return _reads.use_api
+
+
+cdef bint _view_matches(const fastsgd_dl_tensor *v, int code, tuple shape,
+                        object strides) except -1:
+    """Whether view v is a CPU tensor of kernel dtype code and this shape, with
+    these strides (a tuple) or, for strides None, contiguous as torch's
+    is_contiguous() says (size-1 dimensions' strides left out)."""
+    if (v.device.device_type != _DL_CPU or v.dtype.code != _DL_DTYPES[code][0]
+            or v.dtype.bits != _DL_DTYPES[code][1] or v.dtype.lanes != 1
+            or v.ndim != PyTuple_GET_SIZE(shape) or v.strides == NULL):
+        return False
+    cdef Py_ssize_t k
+    cdef int64_t size, expected = 1
+    cdef bint empty = False
+    for k in range(v.ndim):
+        size = <object>PyTuple_GET_ITEM(shape, k)
+        if v.shape[k] != size:
+            return False
+        empty |= size == 0
+    if strides is not None:
+        for k in range(v.ndim):
+            if v.strides[k] != <int64_t><object>PyTuple_GET_ITEM(strides, k):
+                return False
+        return True
+    if empty:
+        return True
+    for k in reversed(range(v.ndim)):
+        if v.shape[k] != 1:
+            if v.strides[k] != expected:
+                return False
+            expected *= v.shape[k]
+    return True
 
 UNSUPPORTED_DTYPE = ("fastsgd.torch.SGD steps float32, float64, float16 and bfloat16 "
                      "parameters")
@@ -214,6 +358,18 @@ cdef int _check_param(object p, str name) except -1:
                            f"parameter is on {p.device}; use torch.optim.SGD for it")
     if p.dtype not in _DTYPE_CODES:
         raise TypeError(f"{name}: {UNSUPPORTED_DTYPE}, but the parameter is {p.dtype}")
+    _check_not_negated(p, name, "the parameter")
+    return 0
+
+
+cdef int _check_not_negated(object t, str name, str what) except -1:
+    """Refuse a tensor the step writes that is a lazily negated view (its
+    negative bit set, as torch.imag of a conjugate): its memory holds the
+    negated values, which the kernel would update as they are stored."""
+    if t.is_neg():
+        raise RuntimeError(f"{name}: {what} has its negative bit set (a lazily negated "
+                           f"view): fastsgd.torch.SGD writes memory as stored; step "
+                           f"its resolve_neg() instead")
     return 0
 
 
@@ -302,7 +458,7 @@ cdef class _Group:
     cdef object params_list  # the group's list the cache was built from
     cdef tuple params
     cdef list shapes
-    cdef list dtypes
+    cdef list param_strides  # per parameter: its strides when checked
     cdef list buffers  # the buffer last checked, per parameter (or None)
     # per parameter, the storage of its buffer when checked: the cached data
     # pointer stays valid memory whatever is done to the buffer tensor since
@@ -322,7 +478,6 @@ cdef class _Group:
     cdef int64_t *grad_spans
     cdef list grads  # this step's grads, which the lists point into, held until it ends
     cdef list stepped  # the parameters this step writes
-    cdef list later_buffers  # the existing buffers it updates
     cdef list new_buffers  # [(parameter, buffer)] it creates
     cdef uint8_t *strided  # per parameter: not contiguous when checked
     # per parameter: its strides when it is not contiguous but dense (its grad
@@ -378,7 +533,7 @@ cdef class _Group:
             self.strided[i] = False
         self.params = tuple(params)
         self.shapes = [None] * n
-        self.dtypes = [None] * n
+        self.param_strides = [None] * n
         self.buffers = [None] * n
         self.buffer_storages = [None] * n
         self.dense_strides = [None] * n
@@ -392,9 +547,9 @@ cdef class _Group:
         moved since the last check."""
         _check_param(p, where(g, i))
         self.codes[i] = _DTYPE_CODES[p.dtype]
-        self.dtypes[i] = p.dtype
         self.sizes[i] = p.numel()
-        self.shapes[i] = p.shape
+        self.shapes[i] = tuple(p.shape)
+        self.param_strides[i] = p.stride()
         self.strided[i] = not p.is_contiguous()
         self.dense_strides[i] = _dense_strides(p) if self.strided[i] else None
         self.buffers[i] = None  # its layout is checked again against the parameter's
@@ -402,6 +557,40 @@ cdef class _Group:
         cdef bint moved = self.data[i] != data
         self.data[i] = data
         return moved
+
+    cdef bint param_holds(self, Py_ssize_t i, object p) except -1:
+        """Whether parameter i is as last checked: its memory, dtype and
+        layout (its negative bit, which no view shows, is read with them)."""
+        cdef fastsgd_dl_tensor view
+        if self.data[i] == 0:
+            return False
+        try:
+            _reads.view(p, &view, 0)
+        except Exception:
+            return False  # read_param says why
+        return (<int64_t>view.data + <int64_t>view.byte_offset == self.data[i]
+                and _view_matches(&view, self.codes[i], self.shapes[i],
+                                  <object>PyList_GET_ITEM(self.param_strides, i)))
+
+    cdef int64_t grad_data(self, Py_ssize_t i, object grad) except? -1:
+        """The data pointer of grad if it steps flat with parameter i as
+        checked (a CPU tensor of its dtype and shape, contiguous or in its
+        dense strides, not negated), else 0: the slow path reads it afresh."""
+        cdef fastsgd_dl_tensor view
+        strides = None
+        if self.strided[i]:
+            strides = <object>PyList_GET_ITEM(self.dense_strides, i)
+            if strides is None:
+                return 0  # staged
+        try:
+            _reads.view(grad, &view, 1)
+            if (not _view_matches(&view, self.codes[i], <tuple>PyList_GET_ITEM(self.shapes, i),
+                                  strides)
+                    or _reads.is_neg(grad)):
+                return 0
+        except Exception:
+            return 0  # not a tensor with memory: the slow path says why
+        return <int64_t>view.data + <int64_t>view.byte_offset
 
     cdef int prepare(self, dict group, object state, Py_ssize_t g, bint *moved) except -1:
         """Check the group's every tensor and fill its lists; sets *moved when
@@ -429,10 +618,9 @@ cdef class _Group:
         cdef _Lists lists
         cdef PyObject *found
         cdef PyTypeObject *id_hashed = NULL  # a type checked to hash as Tensor does
-        cdef bint buf_is_new
+        cdef bint buf_is_new, buf_cached
         self.grads = []
         self.stepped = []
-        self.later_buffers = []
         self.new_buffers = []
         self.staged = []
         self.options = group
@@ -443,30 +631,23 @@ cdef class _Group:
             grad = _reads.grad(p)
             if grad is None:
                 continue
-            if self.data[i] == 0 or _reads.data_ptr(p) != self.data[i]:
+            if not self.param_holds(i, p):
                 moved[0] |= self.read_param(i, p, g)
             moved[0] |= not self.in_spans[i]
-            strides = <object>PyList_GET_ITEM(self.dense_strides, i)
-            try:
-                # a sparse grad raises in is_contiguous(), a grad off the CPU
-                # (its device is checked when assigned) has no data pointer
-                grad_dtype = _reads.dtype(grad)
-                ok = (<PyObject *>grad_dtype == PyList_GET_ITEM(self.dtypes, i)
-                      and (grad.stride() == strides if self.strided[i]
-                           else _reads.is_contiguous(grad))
-                      and _reads.shape(grad) == self.shapes[i])
-                gdata = _reads.data_ptr(grad) if ok else 0
-            except RuntimeError:
-                ok = False
+            gdata = self.grad_data(i, grad)
             staged = False
-            if not ok or gdata == 0:
-                # the parameter may have changed in place
+            strides = <object>PyList_GET_ITEM(self.dense_strides, i)
+            if gdata == 0:
+                # off the fast path (or empty): the parameter may have changed in place
                 moved[0] |= self.read_param(i, p, g)
                 _check_like(p, grad, where(g, i), "grad")
+                if grad.is_neg():
+                    grad = grad.resolve_neg()  # read as torch's ops read it
                 gdata = grad.data_ptr()
                 strides = self.dense_strides[i]
                 staged = not _laid_out(grad, self.strided[i], strides)
             buf = None
+            buf_cached = False
             if self.with_momentum:
                 if (Py_TYPE(p) == id_hashed
                         or getattr(type(p), "__hash__", None) is _TENSOR_HASH):
@@ -480,10 +661,14 @@ cdef class _Group:
                         raise TypeError(f"{where(g, i)}: optimizer.state of the parameter "
                                         f"must be a dict, but got {type(param_state).__name__}")
                     found = PyDict_GetItem(param_state, "momentum_buffer")
-                    if found != NULL:
+                    # the buffer checked before, its memory held: not touched
+                    buf_cached = (found != NULL and found == PyList_GET_ITEM(self.buffers, i)
+                                  and not staged)
+                    if found != NULL and not buf_cached:
                         buf = <object>found
                 if buf is not None and <PyObject *>buf != PyList_GET_ITEM(self.buffers, i):
                     _check_like(p, buf, where(g, i), "momentum buffer")
+                    _check_not_negated(buf, where(g, i), "its momentum buffer")
                     if staged or not _laid_out(buf, self.strided[i], strides):
                         staged = True
                         self.buffers[i] = None  # checked afresh while staged
@@ -491,6 +676,7 @@ cdef class _Group:
                         self.buffers[i] = buf
                         self.buffer_storages[i] = buf.untyped_storage()
                         self.buffer_data[i] = buf.data_ptr()
+                        buf_cached = True
                         moved[0] = True
             if staged:
                 self.staged.append((i, p, grad, buf))
@@ -508,16 +694,15 @@ cdef class _Group:
             lists = <_Lists>PyTuple_GET_ITEM(self.lists, code)
             buf_is_new = False
             if self.with_momentum:
-                if buf is None:
+                if buf_cached:
+                    later |= 1 << code
+                    lists.bufs[lists.count] = <void *>self.buffer_data[i]
+                else:
                     # torch: buf = grad.detach().clone(); the kernel fills it
                     buf = _empty_like(grad, requires_grad=False)
                     buf_is_new = True
                     self.new_buffers.append((p, buf))
                     lists.bufs[lists.count] = <void *><int64_t>buf.data_ptr()
-                else:
-                    self.later_buffers.append(buf)
-                    later |= 1 << code
-                    lists.bufs[lists.count] = <void *>self.buffer_data[i]
             lists.params[lists.count] = <void *>self.data[i]
             lists.grads[lists.count] = <const void *>gdata
             lists.buf_is_new[lists.count] = buf_is_new
@@ -594,7 +779,7 @@ cdef class _Group:
             # (buffers, which no graph holds, are left: bumping them would
             # cost as much again)
             _increment_version(self.stepped)
-        self.grads = self.stepped = self.later_buffers = self.new_buffers = None
+        self.grads = self.stepped = self.new_buffers = None
         self.staged = []
         return 0
 
@@ -794,8 +979,15 @@ cdef class TensorStepper:
         """The memory this step writes, read afresh: (start, end) pairs."""
         spans = []
         cdef _Group group
+        cdef Py_ssize_t k, i
         for group in self.groups:
             staged_buffers = [buf for _, _, _, buf in group.staged if buf is not None]
-            for t in group.stepped + group.later_buffers + staged_buffers:
+            for t in group.stepped + staged_buffers:
                 spans.append(_extent(t))
+            for k in range(len(group.grads)):
+                i = group.grad_spans[3 * k + 2]
+                if group.with_momentum and group.buffers[i] is not None:
+                    # where the kernel writes it: the memory held when checked
+                    start = group.buffer_data[i]
+                    spans.append((start, start + group.sizes[i] * _ITEMSIZES[group.codes[i]]))
         return spans
