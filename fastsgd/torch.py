@@ -23,7 +23,9 @@ class SGD(torch.optim.SGD):
     parameters, grads and buffers must be dense CPU tensors of float32,
     float64, float16 or bfloat16, the grads and buffers of their
     parameter's dtype and shape, sharing no memory (a parameter listed
-    twice, or two sharing memory, is refused).  A tensor
+    twice, or two sharing memory, is refused), and a parameter or buffer
+    must not have its negative bit set (a grad with it is read resolved, as
+    torch reads it).  A tensor
     that is not contiguous is stepped in place through contiguous copies,
     as fastsgd.SGD steps strided numpy arrays (a bfloat16 one needs
     ml_dtypes for its numpy view).  It bumps each stepped
