@@ -166,13 +166,44 @@ def test_refuses_a_self_overlapping_parameter():
             r"param_groups\[1\]\['params'\]\[0\].*more than one element of the written-to")
 
 
+def test_interleaved_views_as_torch(tensor_reads):
+    """Two columns of one matrix interleave without sharing an element: stepped as
+    torch steps them, their buffers too (numpy's exact test decides, their extents
+    meeting)."""
+    runs = []
+    for cls, extra in ((torch.optim.SGD, {"foreach": False}), (fastsgd.torch.SGD, {})):
+        base = torch.linspace(-1, 1, 18).reshape(6, 3)
+        columns = [torch.nn.Parameter(base[:, k]) for k in range(3)]
+        opt = cls(columns, lr=0.1, momentum=0.9, weight_decay=0.01, **extra)
+        for step in range(3):
+            for k, column in enumerate(columns):
+                column.grad = torch.full((6,), float(step + k))
+            opt.step()
+        runs.append((base, [opt.state[c]["momentum_buffer"] for c in columns]))
+    (base, buffers), (base_fast, buffers_fast) = runs
+    assert torch.equal(base, base_fast)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, buffers_fast))
+
+
 def test_refuses_strided_tensors_sharing_memory():
     params, opt = stepped_pair()
-    base = torch.zeros(6, 2)
-    left, right = torch.nn.Parameter(base[:, 0]), torch.nn.Parameter(base[:, 1])
-    left.grad, right.grad = torch.ones(6), torch.ones(6)
+    base = torch.zeros(6, 3)
+    left, right = torch.nn.Parameter(base[:, 0:2]), torch.nn.Parameter(base[:, 1:3])
+    left.grad, right.grad = torch.ones(6, 2), torch.ones(6, 2)
     opt.add_param_group({"params": [left, right]})
-    refused(opt, RuntimeError, "share memory")
+    refused(opt, RuntimeError, r"\['params'\]\[0\] and param_groups\[1\]\['params'\]\[1\] "
+                               r"share memory")
+    opt.param_groups.pop()
+    # a grad within a strided parameter's extent, past flat ones inside it: refused
+    # as within it (extents count for grads), wherever it falls among them
+    base = torch.zeros(10, 5)
+    inside = [torch.nn.Parameter(base[:, 0]), torch.nn.Parameter(base[0, 1:]),
+              torch.nn.Parameter(base[1, 1:]), torch.nn.Parameter(torch.zeros(4))]
+    for p in inside:
+        p.grad = torch.ones_like(p)
+    inside[3].grad = base[5, 1:]
+    opt.add_param_group({"params": inside})
+    refused(opt, RuntimeError, r"param_groups\[1\]\['params'\]\[3\]: its grad shares memory")
     opt.param_groups.pop()
     strided = torch.nn.Parameter(torch.zeros(4, 8)[:, ::2])
     strided.grad = params[0].detach()[:, :4]  # a grad within another parameter

@@ -29,6 +29,7 @@ and buffer have its strides (autograd lays grads out so, torch's step makes
 buffers so).  Any other non-contiguous tensor goes through
 the numpy path's staging (_Group.stage_strided).
 """
+import operator
 import threading
 
 import torch
@@ -50,7 +51,7 @@ from fastsgd._native.kernels cimport (FASTSGD_BF16, FASTSGD_F16, FASTSGD_F32, FA
                                       FASTSGD_NDTYPES, fastsgd_impl, fastsgd_tensor_list)
 from fastsgd._native.plan cimport GroupPlan
 from fastsgd._native.rules cimport (check_step_alphas, check_tensor, flag_option, option,
-                                    read_hyper, where)
+                                    read_hyper, sharing, sharing_reason, where)
 
 from fastsgd._tensor_iterator import first_buffer_strides, non_overlapping_and_dense
 
@@ -820,14 +821,34 @@ cdef int _check_tensor_option(dict group, str key, Py_ssize_t g) except -1:
     return 0
 
 
-def _overlap(spans):
-    """The first two of spans [(start, end, name)] sharing a byte, or None."""
-    spans = sorted(s for s in spans if s[1] > s[0])
-    cdef Py_ssize_t k
-    for k in range(1, len(spans)):
-        if spans[k][0] < spans[k - 1][1]:
-            return spans[k - 1][2], spans[k][2]
+def _first_shared(spans):
+    """The first two of spans [(start, end, name, strided tensor or None)]
+    sharing memory, with sharing()'s answer (rules.pxd), or None.  Two spans
+    that meet share memory unless one is a strided tensor's extent and
+    numpy's exact test finds no element in common (interleaved views)."""
+    spans = sorted((s for s in spans if s[1] > s[0]), key=_START)
+    meeting = []  # the spans so far that reach past the next start
+    for span in spans:
+        meeting = [other for other in meeting if other[1] > span[0]]
+        for other in meeting:
+            shared = 1 if other[3] is None and span[3] is None else sharing(
+                _span_array(other), _span_array(span))
+            if shared:
+                return other[2], span[2], shared
+        meeting.append(span)
     return None
+
+
+_START = operator.itemgetter(0)
+
+
+cdef cnp.ndarray _span_array(tuple span):
+    """A span's memory as numpy's overlap test takes it: the strided
+    tensor's view, else its bytes (an array over them, never read)."""
+    if span[3] is not None:
+        return _numpy_view(span[3], span[2])
+    cdef cnp.npy_intp nbytes = span[1] - span[0]
+    return cnp.PyArray_SimpleNewFromData(1, &nbytes, cnp.NPY_UINT8, <void *><intptr_t>span[0])
 
 
 cdef class TensorStepper:
@@ -919,26 +940,32 @@ cdef class TensorStepper:
                 i = group.grad_spans[3 * k + 2]
                 group.in_spans[i] = True
                 nbytes = group.sizes[i] * _ITEMSIZES[group.codes[i]]
-                spans.append((group.data[i], group.data[i] + nbytes, where(g, i)))
+                spans.append((group.data[i], group.data[i] + nbytes, where(g, i), None))
                 if group.with_momentum and group.buffers[i] is not None:
                     spans.append((group.buffer_data[i], group.buffer_data[i] + nbytes,
-                                  f"the momentum buffer of {where(g, i)}"))
+                                  f"the momentum buffer of {where(g, i)}", None))
             for i, p, _grad, buf in group.staged:
-                # their extents: two views interleaving in one tensor count as sharing
+                # their extents, each with its tensor for the exact test
                 group.in_spans[i] = True
-                spans.append(_extent(p) + (where(g, i),))
+                spans.append(_extent(p) + (where(g, i), p))
                 if buf is not None:
-                    spans.append(_extent(buf) + (f"the momentum buffer of {where(g, i)}",))
-        found = _overlap(spans)
+                    spans.append(_extent(buf) + (f"the momentum buffer of {where(g, i)}", buf))
+        found = _first_shared(spans)
         if found is not None:
             raise RuntimeError(f"{found[0]} and {found[1]} share memory: fastsgd.torch.SGD "
-                               f"steps tensors that share no memory")
-        spans = sorted((s, e) for s, e, _ in spans if e > s)
-        self.spans = <int64_t *>grow(self.spans, (2 * len(spans) + 2) * sizeof(int64_t))
-        for i, (s, e) in enumerate(spans):
-            self.spans[2 * i] = s
-            self.spans[2 * i + 1] = e
-        self.nspans = len(spans)
+                               f"steps tensors that share no memory{sharing_reason(found[2])}")
+        # for check_grads' search: their union, as disjoint sorted spans
+        bounds = sorted((span[0], span[1]) for span in spans if span[1] > span[0])
+        self.spans = <int64_t *>grow(self.spans, (2 * len(bounds) + 2) * sizeof(int64_t))
+        self.nspans = 0
+        cdef int64_t start, end
+        for start, end in bounds:
+            if self.nspans and start < self.spans[2 * self.nspans - 1]:
+                self.spans[2 * self.nspans - 1] = max(self.spans[2 * self.nspans - 1], end)
+            else:
+                self.spans[2 * self.nspans] = start
+                self.spans[2 * self.nspans + 1] = end
+                self.nspans += 1
         return 0
 
     cdef int check_grads(self) except -1:
