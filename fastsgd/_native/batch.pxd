@@ -164,15 +164,24 @@ cdef class Batch:
         """Add a checked tensor of `size` elements; buf is NULL without
         momentum.  hold_buf is false when the plan holds buf."""
         cdef Py_ssize_t i = self.count
-        self.params[i] = (<array_ptr>param).data
-        self.grads[i] = (<array_ptr>grad).data
-        self.bufs[i] = (<array_ptr>buf).data if buf != NULL else NULL
-        self.buf_is_new[i] = buf_is_new
-        self.sizes[i] = size
+        self.add_data((<array_ptr>param).data, (<array_ptr>grad).data,
+                      (<array_ptr>buf).data if buf != NULL else NULL, size, buf_is_new)
         self.held[2 * i] = grad
         self.held[2 * i + 1] = buf if hold_buf else NULL
         hold(grad)
         hold(self.held[2 * i + 1])
+
+    cdef inline void add_data(self, void *param, const void *grad, void *buf, int64_t size,
+                              bint buf_is_new) noexcept:
+        """Add a checked tensor by its memory, holding nothing (its caller
+        holds what it points into: fastsgd.torch's tensors)."""
+        cdef Py_ssize_t i = self.count
+        self.params[i] = param
+        self.grads[i] = grad
+        self.bufs[i] = buf
+        self.buf_is_new[i] = buf_is_new
+        self.sizes[i] = size
+        self.held[2 * i] = self.held[2 * i + 1] = NULL
         self.count = i + 1
 
     cdef inline void add_master(self, PyObject *param, PyObject *grad, PyObject *master,

@@ -46,7 +46,7 @@ from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.stdint cimport int32_t, int64_t, intptr_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from fastsgd._native cimport kernels
-from fastsgd._native.batch cimport grow
+from fastsgd._native.batch cimport Batch, grow
 from fastsgd._native.kernels cimport (FASTSGD_BF16, FASTSGD_F16, FASTSGD_F32, FASTSGD_F64,
                                       FASTSGD_NDTYPES, fastsgd_impl, fastsgd_tensor_list)
 from fastsgd._native.plan cimport GroupPlan
@@ -412,46 +412,6 @@ cdef tuple _extent(object t):
     return start, start + reach
 
 
-cdef class _Lists:
-    """The pointer lists of one dtype of a group, as the C driver takes them."""
-    cdef Py_ssize_t count
-    cdef Py_ssize_t capacity
-    cdef void **params
-    cdef const void **grads
-    cdef void **bufs
-    cdef uint8_t *buf_is_new
-    cdef int64_t *sizes
-
-    def __dealloc__(self):
-        PyMem_Free(self.params)
-        PyMem_Free(self.grads)
-        PyMem_Free(self.bufs)
-        PyMem_Free(self.buf_is_new)
-        PyMem_Free(self.sizes)
-
-    cdef int reserve(self, Py_ssize_t n) except -1:
-        if n > self.capacity:
-            self.params = <void **>grow(self.params, n * sizeof(void *))
-            self.grads = <const void **>grow(self.grads, n * sizeof(void *))
-            self.bufs = <void **>grow(self.bufs, n * sizeof(void *))
-            self.buf_is_new = <uint8_t *>grow(self.buf_is_new, n * sizeof(uint8_t))
-            self.sizes = <int64_t *>grow(self.sizes, n * sizeof(int64_t))
-            self.capacity = n
-        self.count = 0
-        return 0
-
-    cdef fastsgd_tensor_list as_list(self, bint with_buffers) noexcept:
-        cdef fastsgd_tensor_list lst
-        lst.ntensors = self.count
-        lst.params = self.params
-        lst.grads = self.grads
-        lst.bufs = self.bufs if with_buffers else NULL
-        lst.buf_is_new = self.buf_is_new if with_buffers else NULL
-        lst.sizes = self.sizes
-        lst.masters = NULL
-        return lst
-
-
 cdef class _Group:
     """One parameter group: its cached parameters (with their data pointer,
     size, dtype and shape, checked) and buffers, this step's lists, and the
@@ -471,7 +431,7 @@ cdef class _Group:
     cdef int64_t *sizes
     cdef int *codes
     cdef Py_ssize_t capacity
-    cdef tuple lists  # a _Lists per kernel dtype
+    cdef tuple lists  # a Batch per kernel dtype: this step's pointer lists
     cdef kernels.fastsgd_sgd_hyper hyper
     cdef bint with_momentum
     # this step's grads (start, end, position) to check against the parameters'
@@ -493,7 +453,7 @@ cdef class _Group:
     cdef list staged_new_buffers  # [(torch buffer, its position in staged)] they create
 
     def __cinit__(self):
-        self.lists = tuple(_Lists() for _ in range(FASTSGD_NDTYPES))
+        self.lists = tuple(Batch() for _ in range(FASTSGD_NDTYPES))
         self.staged = []
         self.staged_new_buffers = []
 
@@ -539,7 +499,7 @@ cdef class _Group:
         self.buffer_storages = [None] * n
         self.dense_strides = [None] * n
         for lists in self.lists:
-            (<_Lists>lists).reserve(n)
+            (<Batch>lists).reserve(n)
         self.params_list = params
         return 0
 
@@ -616,7 +576,8 @@ cdef class _Group:
         cdef Py_ssize_t i, k = 0, n = PyTuple_GET_SIZE(self.params)
         cdef int code, d, in_use = 0, later = 0
         cdef int64_t gdata = 0
-        cdef _Lists lists
+        cdef Batch lists
+        cdef void *buf_data
         cdef PyObject *found
         cdef PyTypeObject *id_hashed = NULL  # a type checked to hash as Tensor does
         cdef bint buf_is_new, buf_cached
@@ -626,7 +587,7 @@ cdef class _Group:
         self.staged = []
         self.options = group
         for lists in self.lists:
-            lists.count = 0
+            lists.clear()
         for i in range(n):
             p = <object>PyTuple_GET_ITEM(self.params, i)
             grad = _reads.grad(p)
@@ -692,23 +653,22 @@ cdef class _Group:
             self.grad_spans[3 * k + 1] = gdata + self.sizes[i] * _ITEMSIZES[code]
             self.grad_spans[3 * k + 2] = i
             k += 1
-            lists = <_Lists>PyTuple_GET_ITEM(self.lists, code)
             buf_is_new = False
+            buf_data = NULL
             if self.with_momentum:
                 if buf_cached:
                     later |= 1 << code
-                    lists.bufs[lists.count] = <void *>self.buffer_data[i]
+                    buf_data = <void *>self.buffer_data[i]
                 else:
                     # torch: buf = grad.detach().clone(); the kernel fills it
                     buf = _empty_like(grad, requires_grad=False)
                     buf_is_new = True
                     self.new_buffers.append((p, buf))
-                    lists.bufs[lists.count] = <void *><int64_t>buf.data_ptr()
-            lists.params[lists.count] = <void *>self.data[i]
-            lists.grads[lists.count] = <const void *>gdata
-            lists.buf_is_new[lists.count] = buf_is_new
-            lists.sizes[lists.count] = self.sizes[i]
-            lists.count += 1
+                    buf_data = <void *><int64_t>buf.data_ptr()
+            # (the memory is held: parameters by the group, grads in self.grads,
+            # buffers by their storages or in self.new_buffers)
+            (<Batch>PyTuple_GET_ITEM(self.lists, code)).add_data(
+                <void *>self.data[i], <const void *>gdata, buf_data, self.sizes[i], buf_is_new)
             in_use |= 1 << code
             self.grads.append(grad)
             self.stepped.append(p)
@@ -722,7 +682,7 @@ cdef class _Group:
         cdef fastsgd_tensor_list lst[FASTSGD_NDTYPES]
         cdef int d
         for d in range(FASTSGD_NDTYPES):
-            lst[d] = (<_Lists>PyTuple_GET_ITEM(self.lists, d)).as_list(self.with_momentum)
+            lst[d] = (<Batch>PyTuple_GET_ITEM(self.lists, d)).as_list(self.with_momentum)
         with nogil:
             for d in range(FASTSGD_NDTYPES):
                 if lst[d].ntensors:
