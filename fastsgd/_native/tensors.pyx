@@ -177,7 +177,7 @@ cdef const fastsgd_dl_exchange_api *_EXCHANGE = _exchange_api()
 # the kernel's dtype code of each torch dtype it steps
 _DTYPE_CODES = {torch.float32: FASTSGD_F32, torch.float64: FASTSGD_F64,
                 torch.float16: FASTSGD_F16, torch.bfloat16: FASTSGD_BF16}
-_ITEMSIZES = (4, 8, 2, 2)
+cdef int64_t[4] _ITEMSIZES = [4, 8, 2, 2]  # by kernel code
 # their DLPack dtypes, (code, bits), by kernel code
 cdef uint8_t[4][2] _DL_DTYPES = [[_DL_FLOAT, 32], [_DL_FLOAT, 64], [_DL_FLOAT, 16],
                                  [_DL_BFLOAT, 16]]
