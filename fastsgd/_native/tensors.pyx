@@ -600,13 +600,12 @@ cdef class _Group:
             staged = False
             strides = <object>PyList_GET_ITEM(self.dense_strides, i)
             if gdata == 0:
-                # off the fast path (or empty): the parameter may have changed in place
-                moved[0] |= self.read_param(i, p, g)
+                # off the fast path (or empty): checked and read afresh (the
+                # parameter is as cached: param_holds compared its whole view)
                 _check_like(p, grad, where(g, i), "grad")
                 if grad.is_neg():
                     grad = grad.resolve_neg()  # read as torch's ops read it
                 gdata = grad.data_ptr()
-                strides = self.dense_strides[i]
                 staged = not _laid_out(grad, self.strided[i], strides)
             buf = None
             buf_cached = False
