@@ -9,7 +9,7 @@ step with GradScaler against torch's chain: float32 params with
 GradScaler("cpu") and fused SGD, then a copy back to the 16-bit params
 (torch's fused SGD does not write 16-bit params in torch 2.13, and is left
 out there).  The torch workloads (T1, T2) time fastsgd.torch.SGD on torch
-tensors as "fastsgd", beside fastsgd.SGD on numpy arrays of the same shapes
+tensors as "fastsgd", beside fastsgd.SGD on numpy views of the same tensors
 and torch's three SGDs, and the torch API floor: per tensor only the reads
 through torch's public Python API that any such adapter makes each step
 (the grad and its data pointer) and the version bump, stepping nothing.  T2
@@ -138,13 +138,18 @@ def _model(workload, seed=0):
 # (after a warm-up step, so momentum buffers exist), or None when it cannot
 # run.  `model` holds the workload's values and grads; peers copy them, except
 # fastsgd and the roofline, which share one set of arrays so that the roofline
-# streams exactly the memory fastsgd steps, from the same cache state.
+# streams exactly the memory fastsgd steps, from the same cache state.  On the
+# torch workloads "fastsgd on numpy" steps numpy views of fastsgd.torch.SGD's
+# tensors for the same reason: their ratio is then the adapter's cost, not
+# how each peer's memory happened to be placed (the share of it on huge pages
+# moved that ratio between runs by several percent).
 
 @dataclass
 class Model:
     values: list
     grads: list
     fastsgd_optimizer: object = None
+    torch_optimizer: object = None  # fastsgd.torch.SGD, on the torch workloads
 
 
 def _fastsgd_step(workload, threads, model, optimizer_class=fastsgd.SGD):
@@ -186,10 +191,21 @@ class _FastsgdFloat32(fastsgd.SGD):
 
 def _fastsgd_numpy_step(workload, threads, model):
     """fastsgd.SGD on numpy arrays of a torch workload's shapes (a target
-    compares fastsgd.torch.SGD with it)."""
+    compares fastsgd.torch.SGD with it): numpy views of fastsgd.torch.SGD's
+    parameters, grads and momentum buffers when it runs too."""
     if not workload.torch:
         return None
-    return _fastsgd_step(workload, threads, model, _FastsgdNumpy)
+    adapter = model.torch_optimizer
+    if adapter is None:
+        return _fastsgd_step(workload, threads, model, _FastsgdNumpy)
+    tensors = adapter.param_groups[0]["params"]
+    views = Model([t.detach().numpy() for t in tensors], [t.grad.numpy() for t in tensors])
+    step = _fastsgd_step(workload, threads, views, _FastsgdNumpy)
+    opt = step.__self__
+    for p, t in zip(opt.param_groups[0]["params"], tensors):
+        if "momentum_buffer" in adapter.state[t]:
+            opt.state[p]["momentum_buffer"] = adapter.state[t]["momentum_buffer"].numpy()
+    return step
 
 
 class _FastsgdNumpy(fastsgd.SGD):
@@ -289,7 +305,7 @@ def _torch_step(mode):
             if mode == "fastsgd.torch":
                 from fastsgd.torch import SGD as TorchAdapterSGD
                 fastsgd.set_num_threads(threads)
-                opt = TorchAdapterSGD(params, **workload.options)
+                opt = model.torch_optimizer = TorchAdapterSGD(params, **workload.options)
             else:
                 implementation = {mode: True} if mode else {"foreach": False}
                 opt = torch.optim.SGD(params, **workload.options, **implementation)

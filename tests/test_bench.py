@@ -279,6 +279,25 @@ def test_the_torch_workloads_peers_run_and_get_new_grads_before_each_sample():
     fast()
 
 
+def test_fastsgd_on_numpy_steps_the_adapters_memory_on_the_torch_workloads():
+    """So that their ratio is the adapter's cost, not where each one's memory lies."""
+    pytest.importorskip("torch")
+    workload = bench.Workload("T", "test", [(33,), (4, 5)], torch=True)
+    model = bench.Model(*bench._model(workload))
+    adapter = bench.PEERS["fastsgd"](workload, 1, model).__self__
+    numpy_opt = bench.PEERS["fastsgd on numpy"](workload, 1, model).__self__
+    for t, p in zip(adapter.param_groups[0]["params"], numpy_opt.param_groups[0]["params"]):
+        for ours, theirs in ((t.detach().numpy(), p), (t.grad.numpy(), p.grad),
+                             (adapter.state[t]["momentum_buffer"].numpy(),
+                              numpy_opt.state[p]["momentum_buffer"])):
+            assert np.shares_memory(ours, theirs) and ours.shape == theirs.shape
+    # without the adapter it steps the workload's arrays
+    alone = bench.Model(*bench._model(workload))
+    numpy_opt = bench.PEERS["fastsgd on numpy"](workload, 1, alone).__self__
+    assert all(np.shares_memory(p, v)
+               for p, v in zip(numpy_opt.param_groups[0]["params"], alone.values))
+
+
 def test_the_torch_api_floor_reads_the_grads_and_bumps_versions_without_stepping():
     torch = pytest.importorskip("torch")
     from fastsgd import _native
