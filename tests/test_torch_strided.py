@@ -185,6 +185,27 @@ def test_interleaved_views_as_torch(tensor_reads):
     assert all(torch.equal(a, b) for a, b in zip(buffers, buffers_fast))
 
 
+def test_grads_between_a_strided_parameters_elements_as_torch(tensor_reads):
+    """A grad in a strided parameter's extent sharing none of its elements: a flat
+    one past flat parameters inside the extent, and a strided one interleaving
+    with its own parameter, stepped as torch steps them."""
+    runs = []
+    for cls, extra in ((torch.optim.SGD, {"foreach": False}), (fastsgd.torch.SGD, {})):
+        base = torch.linspace(-1, 1, 50).reshape(10, 5)
+        pairs = torch.linspace(0, 1, 20).reshape(10, 2)
+        params = [torch.nn.Parameter(base[:, 0]), torch.nn.Parameter(base[0, 1:]),
+                  torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(pairs[:, 0])]
+        opt = cls(params, lr=0.1, momentum=0.9, **extra)
+        for step in range(3):
+            params[0].grad, params[1].grad = torch.full((10,), step + 1.0), torch.ones(4)
+            params[2].grad = base[5, 1:]  # between the column's elements
+            params[3].grad = pairs[:, 1]  # between its own parameter's
+            opt.step()
+        runs.append((base, pairs, params[2].detach()))
+    for ours, theirs in zip(*runs):
+        assert torch.equal(ours, theirs)
+
+
 def test_refuses_strided_tensors_sharing_memory():
     params, opt = stepped_pair()
     base = torch.zeros(6, 3)
@@ -194,14 +215,14 @@ def test_refuses_strided_tensors_sharing_memory():
     refused(opt, RuntimeError, r"\['params'\]\[0\] and param_groups\[1\]\['params'\]\[1\] "
                                r"share memory")
     opt.param_groups.pop()
-    # a grad within a strided parameter's extent, past flat ones inside it: refused
-    # as within it (extents count for grads), wherever it falls among them
+    # a grad sharing one element with a strided parameter, within its extent past
+    # flat parameters inside it: found wherever it falls among them
     base = torch.zeros(10, 5)
     inside = [torch.nn.Parameter(base[:, 0]), torch.nn.Parameter(base[0, 1:]),
               torch.nn.Parameter(base[1, 1:]), torch.nn.Parameter(torch.zeros(4))]
     for p in inside:
         p.grad = torch.ones_like(p)
-    inside[3].grad = base[5, 1:]
+    inside[3].grad = base[5, :4]  # base[5, 0] is the column's
     opt.add_param_group({"params": inside})
     refused(opt, RuntimeError, r"param_groups\[1\]\['params'\]\[3\]: its grad shares memory")
     opt.param_groups.pop()

@@ -967,11 +967,13 @@ cdef class TensorStepper:
                                 group.grad_spans[3 * k + 2])
             for i, _param, grad, _buf in group.staged:
                 start, end = _extent(grad)
-                self.check_grad(start, end, g, i)
+                self.check_grad(start, end, g, i, grad)
         return 0
 
     cdef int check_grad(self, int64_t start, int64_t end, Py_ssize_t g,
-                        Py_ssize_t i) except -1:
+                        Py_ssize_t i, object grad=None) except -1:
+        """grad: the grad tensor when it is staged (numpy's exact test then
+        decides whether its elements meet another tensor's), else None."""
         if end <= start:
             return 0
         # the first span ending after start
@@ -983,26 +985,36 @@ cdef class TensorStepper:
             else:
                 hi = mid
         if lo < self.nspans and self.spans[2 * lo] < end:
-            # the spans may be stale (a parameter without grad moved): read afresh
-            if any(s < end and start < e for s, e in self.spans_now()):
-                raise RuntimeError(
-                    f"{where(g, i)}: its grad shares memory with a parameter or momentum "
-                    f"buffer: fastsgd.torch.SGD steps tensors that share no memory")
+            # the spans may be stale (a parameter without grad moved), and a
+            # strided tensor's extent has holes: read afresh, test exactly
+            name = where(g, i)
+            grad_span = (start, end, name, grad)
+            for span in self.spans_now(name):
+                shared = (span[0] < end and start < span[1]
+                          and sharing(_span_array(grad_span), _span_array(span)))
+                if shared:
+                    raise RuntimeError(
+                        f"{name}: its grad shares memory with a parameter or momentum buffer: "
+                        f"fastsgd.torch.SGD steps tensors that share no memory"
+                        f"{sharing_reason(shared)}")
         return 0
 
-    cdef list spans_now(self):
-        """The memory this step writes, read afresh: (start, end) pairs."""
+    cdef list spans_now(self, str name):
+        """The memory this step writes, read afresh, as _first_shared's spans
+        (a tensor with those that are not contiguous; name: the grad's, for
+        an error in viewing them)."""
         spans = []
         cdef _Group group
         cdef Py_ssize_t k, i
         for group in self.groups:
             staged_buffers = [buf for _, _, _, buf in group.staged if buf is not None]
             for t in group.stepped + staged_buffers:
-                spans.append(_extent(t))
+                spans.append(_extent(t) + (name, None if t.is_contiguous() else t))
             for k in range(len(group.grads)):
                 i = group.grad_spans[3 * k + 2]
                 if group.with_momentum and group.buffers[i] is not None:
                     # where the kernel writes it: the memory held when checked
                     start = group.buffer_data[i]
-                    spans.append((start, start + group.sizes[i] * _ITEMSIZES[group.codes[i]]))
+                    end = start + group.sizes[i] * _ITEMSIZES[group.codes[i]]
+                    spans.append((start, end, name, None))
         return spans
