@@ -115,7 +115,8 @@ def main(argv=None):
                            help="fastsgd, roofline, 'roofline reading objects', "
                                 "'torch for-loop', 'torch foreach', 'torch fused', reference, "
                                 "'fastsgd f32', 'torch chain', 'fastsgd on numpy', "
-                                "'fastsgd on 4 KiB pages', 'torch API floor' (default: all)")
+                                "'fastsgd on 4 KiB pages', \"fastsgd on numpy in torch's step\", "
+                                "'torch API floor' (default: all)")
     bench_cmd.add_argument("--budget", type=float, default=0.5,
                            help="seconds of timing per measurement (default 0.5)")
     bench_cmd.add_argument("--json", default="fastsgd-bench.json",

@@ -212,12 +212,36 @@ class _FastsgdNumpy(fastsgd.SGD):
     """fastsgd.SGD, as a peer of fastsgd.torch.SGD."""
 
 
+def _fastsgd_numpy_in_torch_step(workload, threads, model):
+    """fastsgd on numpy, its step called from a torch optimizer's step():
+    what torch.optim.Optimizer wraps around every step (a profiler record,
+    the step hooks, grad mode) added to it.  Any torch optimizer pays that,
+    so it bounds T1's target."""
+    step = _fastsgd_numpy_step(workload, threads, model)
+    if step is None:
+        return None
+    import torch
+    from torch.optim.optimizer import _use_grad_for_differentiable
+
+    class AroundNumpy(torch.optim.Optimizer):
+        """A torch optimizer whose step is fastsgd.SGD's."""
+
+        def __init__(self):
+            super().__init__([torch.zeros(1, requires_grad=True)], {"differentiable": False})
+
+        @_use_grad_for_differentiable
+        def step(self):
+            step()
+    return AroundNumpy().step
+
+
 def _fastsgd_small_pages_step(workload, threads, model):
     """fastsgd.SGD on numpy arrays of a torch workload's shapes, each array
     (param, grad, momentum buffer) in an anonymous mapping of its own, as
     torch's allocator gives large tensors: 4 KiB pages where transparent
     huge pages are on request only (numpy requests them for arrays of 4 MiB
-    and more).  It bounds T1's target: the adapter's kernel on torch's pages."""
+    and more).  It shows what torch's pages cost the kernel: the torch
+    peers' tensors here are copies made by numpy."""
     if not workload.torch or workload.master_weights:
         return None
 
@@ -377,6 +401,7 @@ PEERS = {
     "torch chain": _torch_chain_step,
     "fastsgd on numpy": _fastsgd_numpy_step,
     "fastsgd on 4 KiB pages": _fastsgd_small_pages_step,
+    "fastsgd on numpy in torch's step": _fastsgd_numpy_in_torch_step,
     "torch API floor": _torch_step("floor"),
 }
 
@@ -495,14 +520,14 @@ def measure_together(steps, budget_s, min_rounds=15, max_rounds=200, before_samp
 
 # Peers of the 16-bit and torch workloads only: the table has their columns only then.
 _HALF_PEERS = ("fastsgd f32", "torch chain", "fastsgd on numpy", "fastsgd on 4 KiB pages",
-               "torch API floor")
+               "fastsgd on numpy in torch's step", "torch API floor")
 # Takes seconds per step on the large workloads: a few samples, on its own.
 _SLOW_PEERS = ("reference",)
 # The peers of the targets' ratios (and both thread counts of each): sampled
 # back to back in each round, apart from torch's slower for-loop and foreach.
 _BACK_TO_BACK_PEERS = ("fastsgd", "roofline", "roofline reading objects", "torch fused",
                        "fastsgd f32", "torch chain", "fastsgd on numpy", "fastsgd on 4 KiB pages",
-                       "torch API floor")
+                       "fastsgd on numpy in torch's step", "torch API floor")
 # Rounds of those peers alone after the rounds of all: back to back, their
 # per-round ratios still scatter widely on this VM (fastsgd vs the roofline
 # on W3 at 1 thread from 0.34 to 2.12 within one run's 15 rounds, whose

@@ -268,8 +268,11 @@ def test_the_torch_workloads_peers_run_and_get_new_grads_before_each_sample():
     steps = {peer: bench.PEERS[peer](workload, 1, bench.Model(*bench._model(workload)))
              for peer in bench.PEERS}
     assert {p for p, step in steps.items() if step is not None} == {
-        "fastsgd", "fastsgd on numpy", "fastsgd on 4 KiB pages", "torch for-loop",
-        "torch foreach", "torch fused", "torch API floor"}
+        "fastsgd", "fastsgd on numpy", "fastsgd on 4 KiB pages", "fastsgd on numpy in torch's step",
+        "torch for-loop", "torch foreach", "torch fused", "torch API floor"}
+    wrapped = steps["fastsgd on numpy in torch's step"]
+    assert isinstance(wrapped.__self__, torch.optim.Optimizer)
+    assert getattr(type(wrapped.__self__).step, "hooked", False)  # torch's step wrapper
     fast = steps["fastsgd"]
     assert isinstance(fast.step.__self__, fastsgd.torch.SGD)
     params = fast.step.__self__.param_groups[0]["params"]
