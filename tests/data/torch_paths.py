@@ -1,7 +1,7 @@
 """Runs every path of fastsgd.torch.SGD's step (tensors read through DLPack's
 exchange API and through torch's Python API; all four dtypes; contiguous,
 dense-permuted and staged tensors; first and later steps; negated grads;
-interleaved views; a parameter moved and a grad changed in place; refusals)
+interleaved views and a grad between them; a parameter moved and a grad changed in place; refusals)
 for the memory checkers in tests/test_memory_checkers.py."""
 import torch
 
@@ -50,5 +50,7 @@ for exchange_api in (True, False):
             params[2].grad = params[0].detach()[:6, :4]  # inside another parameter
             refused(opt)
             params[2].grad = torch.randn(6, 4, dtype=dtype)
+            # base[:, 2], between the interleaved parameters' elements
+            params[3].grad = params[3].detach().as_strided((6,), (3,), 2)
             opt.step()
 print("memcheck drive done")
