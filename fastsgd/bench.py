@@ -217,8 +217,8 @@ def _fastsgd_numpy_in_torch_step(workload, threads, model):
     what torch.optim.Optimizer wraps around every step (a profiler record,
     the step hooks, grad mode) added to it.  Any torch optimizer pays that,
     so it bounds T1's target."""
-    step = _fastsgd_numpy_step(workload, threads, model)
-    if step is None:
+    numpy_step = _fastsgd_numpy_step(workload, threads, model)
+    if numpy_step is None:
         return None
     import torch
     from torch.optim.optimizer import _use_grad_for_differentiable
@@ -230,8 +230,8 @@ def _fastsgd_numpy_in_torch_step(workload, threads, model):
             super().__init__([torch.zeros(1, requires_grad=True)], {"differentiable": False})
 
         @_use_grad_for_differentiable
-        def step(self):
-            step()
+        def step(self, closure=None):  # (no closure: the workload's grads are set)
+            numpy_step()
     return AroundNumpy().step
 
 
