@@ -205,17 +205,30 @@ def test_version_counter_catches_a_saved_parameter():
     assert "modified by an inplace operation" in errors[1]
 
 
-def _advised_huge(address):
-    """Whether the mapping holding address was madvise()d MADV_HUGEPAGE ("hg")."""
-    with open("/proc/self/smaps") as smaps:
-        inside = False
-        for line in smaps:
-            if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
-                low, high = (int(x, 16) for x in line.split()[0].split("-"))
-                inside = low <= address < high
-            elif inside and line.startswith("VmFlags:"):
-                return "hg" in line.split()[1:]
-    raise AssertionError(f"{address:#x} is not mapped")
+# In a fresh interpreter: memory freed by earlier tests' advised buffers may come
+# back from the allocator to a later tensor with the advice still on it.
+_HUGE_PAGES_CHECK = """
+import sys, torch, fastsgd.torch
+
+def advised_huge(address):  # the mapping holding address was madvise()d MADV_HUGEPAGE
+    inside = False
+    for line in open("/proc/self/smaps"):
+        if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
+            low, high = (int(x, 16) for x in line.split()[0].split("-"))
+            inside = low <= address < high
+        elif inside and line.startswith("VmFlags:"):
+            return "hg" in line.split()[1:]
+    raise AssertionError(hex(address) + " is not mapped")
+
+big = torch.zeros(2048, 1024)  # 8 MiB
+p = torch.nn.Parameter(big if sys.argv[1] == "contiguous" else torch.zeros(2048, 2048)[:, ::2])
+small = torch.nn.Parameter(torch.zeros(1000))
+opt = fastsgd.torch.SGD([p, small], lr=0.1, momentum=0.9)
+p.grad, small.grad = torch.ones_like(p), torch.ones(1000)
+opt.step()
+assert advised_huge(opt.state[p]["momentum_buffer"].data_ptr() + (4 << 20))
+assert not advised_huge(big.data_ptr() + (4 << 20))  # torch's own allocation
+"""
 
 
 @pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage"),
@@ -224,15 +237,7 @@ def _advised_huge(address):
 def test_large_momentum_buffers_ask_for_huge_pages(layout):
     """As numpy's arrays of 4 MiB and more do, so that the adapter streams its
     buffers as fastsgd.SGD streams numpy's; torch's allocator does not ask."""
-    big = torch.zeros(2048, 1024)  # 8 MiB
-    p = torch.nn.Parameter(big if layout == "contiguous" else torch.zeros(2048, 2048)[:, ::2])
-    small = torch.nn.Parameter(torch.zeros(1000))
-    opt = fastsgd.torch.SGD([p, small], lr=0.1, momentum=0.9)
-    p.grad, small.grad = torch.ones_like(p), torch.ones(1000)
-    opt.step()
-    buf = opt.state[p]["momentum_buffer"]
-    assert _advised_huge(buf.data_ptr() + (4 << 20))
-    assert not _advised_huge(big.data_ptr() + (4 << 20))  # torch's own allocation
+    subprocess.run([sys.executable, "-c", _HUGE_PAGES_CHECK, layout], check=True, timeout=120)
 
 
 def test_core_does_not_import_torch():
