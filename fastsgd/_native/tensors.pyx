@@ -748,9 +748,17 @@ cdef class _Group:
             self.plan.clear_batches()
         return 0
 
+    cdef int bump_versions(self) except -1:
+        """Bump the version counters of the parameters this step writes, as
+        torch's in-place add_ does: autograd checks them when a graph saved a
+        parameter.  (Buffers, which no graph holds, are left: bumping them
+        would cost as much again.)"""
+        if self.stepped:
+            _increment_version(self.stepped)
+        return 0
+
     cdef int commit(self, object state) except -1:
-        """Store the new buffers and bump the parameters' version counters,
-        as torch's in-place add_ does."""
+        """Store the new buffers, once the step has written them."""
         for p, buf in self.new_buffers:
             state[p]["momentum_buffer"] = buf  # makes state[p], as torch's step does
         if self.staged_new_buffers:
@@ -760,11 +768,6 @@ cdef class _Group:
                 cnp.PyArray_CopyInto(_numpy_view(buf, ""), made[k])
                 state[self.staged[k][1]]["momentum_buffer"] = buf
             del self.staged_new_buffers[:]
-        if self.stepped:
-            # the parameters', which autograd checks when a graph saved them
-            # (buffers, which no graph holds, are left: bumping them would
-            # cost as much again)
-            _increment_version(self.stepped)
         self.grads = self.stepped = self.new_buffers = None
         self.staged = []
         return 0
@@ -901,6 +904,13 @@ cdef class TensorStepper:
                     group.plan.reset(0)
             raise
         self.spans_valid = True
+        # Bumped before the kernels run, not after as torch's add_ does: the
+        # checks have just read these tensors, which the kernels' stream
+        # evicts from the cache (0.09 ms cold on ResNet-50's 161, 0.03 ms
+        # here).  No check follows; only another thread, running while the
+        # kernels release the GIL, could see the difference.
+        for group in self.groups:
+            group.bump_versions()
         for group in self.groups:
             group.run()
             group.run_staged()
