@@ -25,12 +25,14 @@ class SGD(torch.optim.SGD):
     parameter's dtype and shape, sharing no memory (a parameter listed
     twice, or two sharing memory, is refused), and a parameter or buffer
     must not have its negative bit set (a grad with it is read resolved, as
-    torch reads it).  A tensor
+    torch reads it), nor be an inference tensor outside
+    ``torch.inference_mode()``, as torch's in-place ops refuse.  A tensor
     that is not contiguous is stepped in place through contiguous copies,
     as fastsgd.SGD steps strided numpy arrays (a bfloat16 one needs
     ml_dtypes for its numpy view).  It bumps each stepped
-    parameter's version counter as torch's in-place ``add_`` does, so
-    autograd still sees a parameter saved for backward change.
+    parameter's version counter as torch's in-place ``add_`` does (just
+    before writing it), so autograd still sees a parameter saved for
+    backward change.
 
     Args:
         params: the parameters or parameter groups, as for torch.optim.SGD.

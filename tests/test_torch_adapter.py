@@ -362,6 +362,58 @@ def test_negated_grads_as_torch_and_negated_tensors_it_writes_refused(tensor_rea
             r"\['params'\]\[0\]: the parameter has its negative bit")
 
 
+def test_inference_tensors_written_only_in_inference_mode_as_torch(tensor_reads):
+    """torch's in-place ops write an inference tensor (made under torch.inference_mode)
+    only in that mode: outside it torch's step raises, once it has written the tensor.
+    fastsgd.torch.SGD refuses before any write, and in that mode steps as torch."""
+    options = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}
+    outside = "Inplace update to inference tensor outside InferenceMode is not allowed"
+
+    def inference_twins(tensors):
+        with torch.inference_mode():
+            twins = [t.clone() for t in tensors]
+        for t, twin in zip(tensors, twins):
+            twin.grad = t.grad.clone()
+        return twins, torch.optim.SGD(twins, **options, foreach=False)
+
+    with torch.inference_mode():
+        params = [torch.randn(4, 5), torch.randn(3)]
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt = fastsgd.torch.SGD(params, **options)
+    refused(opt, RuntimeError,
+            r"\['params'\]\[0\]: the parameter is an inference tensor: " + outside)
+    twins, reference = inference_twins(params)
+    with pytest.raises(RuntimeError, match=outside):
+        reference.step()
+    twins, reference = inference_twins(params)  # (torch's step wrote one)
+    for _ in range(2):
+        with torch.inference_mode():
+            opt.step()
+            reference.step()
+        assert all(torch.equal(p, q) for p, q in zip(params, twins))
+        assert all(opt.state[p]["momentum_buffer"].is_inference()
+                   and reference.state[q]["momentum_buffer"].is_inference()
+                   for p, q in zip(params, twins))
+
+    # normal parameters whose momentum buffers were made in inference mode, refused
+    # when first seen and when checked and cached in an earlier step
+    params = [torch.nn.Parameter(torch.randn(4, 5)) for _ in range(2)]
+    opt = fastsgd.torch.SGD(params, **options)
+    for p in params:
+        p.grad = torch.randn(4, 5)
+    buffer_refused = r"\['params'\]\[0\]: its momentum buffer is an inference tensor: "
+    with torch.inference_mode():
+        opt.step()
+    refused(opt, RuntimeError, buffer_refused + outside)
+    with torch.inference_mode():
+        opt.step()
+    refused(opt, RuntimeError, buffer_refused + outside)
+    for state in opt.state.values():
+        state["momentum_buffer"] = state["momentum_buffer"].clone()  # a normal tensor
+    opt.step()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_alpha_overflow_as_torch(dtype):
     errors = []

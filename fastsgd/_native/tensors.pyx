@@ -176,6 +176,10 @@ cdef extern from *:
         int (*dltensor_from_py_object_no_sync)(void *py_object, fastsgd_dl_tensor *out) except -1
 
 cdef enum:
+    _PARAM_IS_INFERENCE = 1
+    _BUFFER_IS_INFERENCE = 2
+
+cdef enum:
     _DL_CPU = 1  # kDLCPU
     _DL_FLOAT = 2  # kDLFloat
     _DL_BFLOAT = 4  # kDLBfloat
@@ -210,6 +214,7 @@ _STRIDED = torch.strided
 _Tensor = torch.Tensor
 _empty_like = torch.empty_like
 _increment_version = torch.autograd.graph.increment_version
+_inference_mode_enabled = torch.is_inference_mode_enabled
 # torch's Tensor.__hash__ is Python code returning id(self): 150 ns a call, the
 # price of each optimizer.state[p].  A parameter whose type still hashes with
 # it is looked up with that hash known (its address, as id() and hash() make
@@ -466,6 +471,8 @@ cdef class _Group:
     cdef list stepped  # the parameters this step writes
     cdef list new_buffers  # [(parameter, buffer)] it creates
     cdef uint8_t *strided  # per parameter: not contiguous when checked
+    # per parameter: _PARAM_IS_INFERENCE, _BUFFER_IS_INFERENCE when checked
+    cdef uint8_t *inference
     # per parameter: its strides when it is not contiguous but dense (its grad
     # and buffer in the same strides step flat, on the lists), else None
     cdef list dense_strides
@@ -490,6 +497,7 @@ cdef class _Group:
         PyMem_Free(self.codes)
         PyMem_Free(self.grad_spans)
         PyMem_Free(self.strided)
+        PyMem_Free(self.inference)
 
     cdef bint cache_holds(self, list params):
         if params is not self.params_list or PyList_GET_SIZE(params) != len(self.params):
@@ -511,12 +519,14 @@ cdef class _Group:
             self.codes = <int *>grow(self.codes, n * sizeof(int))
             self.grad_spans = <int64_t *>grow(self.grad_spans, 3 * n * sizeof(int64_t))
             self.strided = <uint8_t *>grow(self.strided, n * sizeof(uint8_t))
+            self.inference = <uint8_t *>grow(self.inference, n * sizeof(uint8_t))
             self.capacity = n
         cdef Py_ssize_t i
         for i in range(n):
             self.data[i] = 0
             self.in_spans[i] = False
             self.strided[i] = False
+            self.inference[i] = 0
         self.params = tuple(params)
         self.shapes = [None] * n
         self.param_strides = [None] * n
@@ -539,6 +549,7 @@ cdef class _Group:
         self.strided[i] = not p.is_contiguous()
         self.dense_strides[i] = _dense_strides(p) if self.strided[i] else None
         self.buffers[i] = None  # its layout is checked again against the parameter's
+        self.inference[i] = _PARAM_IS_INFERENCE if p.is_inference() else 0
         cdef int64_t data = p.data_ptr()
         cdef bint moved = self.data[i] != data
         self.data[i] = data
@@ -655,6 +666,8 @@ cdef class _Group:
                 if buf is not None and <PyObject *>buf != PyList_GET_ITEM(self.buffers, i):
                     _check_like(p, buf, where(g, i), "momentum buffer")
                     _check_not_negated(buf, where(g, i), "its momentum buffer")
+                    self.inference[i] = (self.inference[i] & _PARAM_IS_INFERENCE
+                                         | (_BUFFER_IS_INFERENCE if buf.is_inference() else 0))
                     if staged or not _laid_out(buf, self.strided[i], strides):
                         staged = True
                         self.buffers[i] = None  # checked afresh while staged
@@ -664,6 +677,8 @@ cdef class _Group:
                         self.buffer_data[i] = buf.data_ptr()
                         buf_cached = True
                         moved[0] = True
+            if self.inference[i]:
+                self.check_inference(i, g, buf_cached or buf is not None)
             if staged:
                 self.staged.append((i, p, grad, buf))
                 self.stepped.append(p)
@@ -700,6 +715,20 @@ cdef class _Group:
         for d in (FASTSGD_F32, FASTSGD_F16, FASTSGD_BF16):  # float64 takes any double
             if in_use & (1 << d):
                 check_step_alphas(&self.hyper, d, self.with_momentum, (later >> d) & 1, g)
+        return 0
+
+    cdef int check_inference(self, Py_ssize_t i, Py_ssize_t g, bint buffer_written) except -1:
+        """torch's rule for in-place updates, checked before any write: an
+        inference tensor (made under torch.inference_mode) is written only in
+        that mode (torch's step raises once it has written it)."""
+        if _inference_mode_enabled():
+            return 0
+        if self.inference[i] & _PARAM_IS_INFERENCE:
+            raise RuntimeError(f"{where(g, i)}: the parameter is an inference tensor: "
+                               f"{_INFERENCE_UPDATE}")
+        if buffer_written and self.inference[i] & _BUFFER_IS_INFERENCE:
+            raise RuntimeError(f"{where(g, i)}: its momentum buffer is an inference tensor: "
+                               f"{_INFERENCE_UPDATE}")
         return 0
 
     cdef void run(self) noexcept:
@@ -775,6 +804,9 @@ cdef class _Group:
 
 DIFFERENTIABLE = ("fastsgd.torch.SGD does not support differentiable=True: use "
                   "torch.optim.SGD to differentiate through the step")
+cdef str _INFERENCE_UPDATE = (
+    "Inplace update to inference tensor outside InferenceMode is not allowed. You can make "
+    "a clone to get a normal tensor before doing inplace update.")
 FUSED = ("fastsgd.torch.SGD runs fastsgd's kernel: fused=True asks for torch's fused "
          "kernel, which torch.optim.SGD(fused=True) runs")
 
