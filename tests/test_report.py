@@ -58,6 +58,15 @@ def test_a_target_the_roofline_reaches_is_missed_not_out_of_reach():
     assert rows[5].endswith("| 16.00x | roofline reading objects: 26.67x | missed |")
 
 
+def test_a_miss_that_rounds_to_the_goal_shows_finer_digits():
+    runs = [result("W6", "fastsgd", 1, 1.0), result("W6", "roofline", 1, 0.946),
+            result("W6", "fastsgd", 2, 1.0), result("W6", "roofline", 2, 0.953)]
+    rows = report.targets_table(runs).splitlines()
+    assert rows[2] == "| at least 95% of the roofline | W6 | 1 | 94.6% | - | missed |"
+    assert rows[3] == "| at least 95% of the roofline | W6 | 2 | 95% | - | met |"
+    assert "missed: W6 1T (94.6%)" in report.verdicts_table(runs)
+
+
 def test_a_target_needing_two_thread_counts_is_not_judged_on_one():
     rows = report.targets_table([r for r in W2 if r["threads"] == 1]).splitlines()
     assert rows[4] == ("| 2 threads at least 1.6x faster than 1 | W2 | 2 vs 1 | - | - | "
