@@ -376,8 +376,8 @@ def test_inference_tensors_written_only_in_inference_mode_as_torch(tensor_reads)
             twin.grad = t.grad.clone()
         return twins, torch.optim.SGD(twins, **options, foreach=False)
 
-    with torch.inference_mode():
-        params = [torch.randn(4, 5), torch.randn(3)]
+    with torch.inference_mode():  # (the strided one is staged)
+        params = [torch.randn(4, 5), torch.randn(3), torch.randn(6, 4)[:, 1]]
     for p in params:
         p.grad = torch.randn(p.shape)
     opt = fastsgd.torch.SGD(params, **options)
